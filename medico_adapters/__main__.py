@@ -1,0 +1,3 @@
+from medico_adapters.cli import run
+
+run()

@@ -1,0 +1,348 @@
+"""The ``medico-adapters`` command line (contract: shared/CLI.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from medico_adapters import __version__
+from medico_adapters.errors import MedicoError
+
+PROG = "medico-adapters"
+
+
+def _emit(args, data: dict, text: str) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, default=str))
+    elif text:
+        print(text)
+
+
+# --- core commands ---------------------------------------------------------------------------
+
+
+def cmd_models(args) -> int:
+    from medico_adapters import registry
+
+    rows = registry.listing()
+    lines = [f"cache: {registry.models_dir()}"]
+    for row in rows:
+        state = "cached" if row["cached"] else "not cached"
+        verified = "" if row["hash"] else " (no published hash)"
+        lines.append(f"  {row['name']:<32} {row['arch']:<6} {state:<11} {row['description']}{verified}")
+    _emit(args, {"cache": str(registry.models_dir()), "models": rows}, "\n".join(lines))
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from medico_adapters import registry
+
+    if args.from_file:
+        path, verified = registry.register_file(args.name, args.from_file)
+        note = "hash verified" if verified else "no published hash to verify"
+        print(f"registered {args.from_file} as {registry.canonical(args.name)} at {path} ({note})")
+    else:
+        path = registry.fetch(args.name, progress=not args.quiet)
+        print(f"{registry.canonical(args.name)}: {path}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from medico_adapters import checkpoint
+
+    ckpt = checkpoint.load_checkpoint(args.checkpoint, trust=args.trust_checkpoint)
+    info = ckpt.info
+    if args.model_type and info.arch != args.model_type:
+        info = type(info)(**{**info.__dict__, "problems": (*info.problems, f"model type {args.model_type} given, but the weights are {info.arch}")})
+    text = [
+        f"{info.path}",
+        f"  format:   {info.format}" + (f" (key prefix {info.prefix!r})" if info.prefix else ""),
+        f"  arch:     {info.arch}",
+        f"  decoder:  {'present' if info.has_decoder else 'absent'}",
+        f"  tensors:  {info.n_tensors}",
+    ]
+    if info.extra_entries:
+        text.append(f"  ignored:  {', '.join(info.extra_entries)}")
+    text.append("  loadable: yes" if info.loadable else f"  loadable: no ({'; '.join(info.problems)})")
+    _emit(args, info.as_dict(), "\n".join(text))
+    if not info.loadable:
+        print(f"{PROG}: error: {info.path}: {info.problems[0]}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args) -> int:
+    from medico_adapters import checkpoint
+
+    info = checkpoint.export_checkpoint(
+        args.checkpoint, args.output, decoder_out=args.decoder_out,
+        expect_arch=args.model_type, trust=args.trust_checkpoint,
+    )
+    print(f"wrote {args.output} (plain {info.arch} state dict, {info.n_tensors} tensors, from {info.format} format)")
+    if args.decoder_out:
+        print(f"wrote {args.decoder_out} (decoder state)")
+    return 0
+
+
+# --- tool commands ---------------------------------------------------------------------------
+
+
+def _tool_options(args) -> dict:
+    options = {}
+    for key in ("keep_default", "napari_compat", "model_dir"):
+        value = getattr(args, key, None)
+        if value not in (None, False):
+            options[key] = str(value) if key == "model_dir" else value
+    return options
+
+
+def cmd_patch(args) -> int:
+    if args.tool == "micro-sam":
+        from medico_adapters.adapters import micro_sam
+
+        result = micro_sam.patch(args.checkpoint, cache=args.path, dry_run=args.dry_run, trust=args.trust_checkpoint)
+        _emit(args, result, result["message"])
+        return 0
+    from medico_adapters import patching
+    from medico_adapters.adapters import get_adapter
+
+    adapter = get_adapter(args.tool)
+    options = _tool_options(args)
+    if args.tool == "napari-sam" and args.napari_compat is None:
+        from medico_adapters.adapters.napari_sam import needs_layers_compat
+
+        if needs_layers_compat():
+            options["napari_compat"] = True
+    result = patching.patch(
+        adapter, args.path, checkpoint=args.checkpoint, name=args.name,
+        options=options, dry_run=args.dry_run, trust=args.trust_checkpoint,
+    )
+    if args.diff and not args.json:
+        sys.stdout.write(result.diff)
+    verb = "would change" if args.dry_run else "changed"
+    if not result.changed and not result.placed:
+        text = f"{result.root}: already patched ({adapter.tool} layout {result.layout}); nothing to do"
+    else:
+        text = "\n".join(
+            [f"{result.root}: {adapter.tool} layout {result.layout}"]
+            + [f"  {verb} {rel}" for rel in result.changed]
+            + [f"  {'would place' if args.dry_run else 'placed'} checkpoint {p}" for p in result.placed]
+            + [f"  entries: {', '.join(e.name for e in result.entries)}"]
+        )
+    if result.recovered:
+        text = f"completed an interrupted {result.recovered} first\n" + text
+    data = result.as_dict()
+    if args.diff:
+        data["diff"] = result.diff
+    _emit(args, data, "" if (args.diff and args.dry_run) else text)
+    return 0
+
+
+def cmd_unpatch(args) -> int:
+    if args.tool == "micro-sam":
+        from medico_adapters.adapters import micro_sam
+
+        result = micro_sam.unpatch(cache=args.path)
+        _emit(args, result, result["message"])
+        return 0
+    from medico_adapters import patching
+    from medico_adapters.adapters import get_adapter
+
+    result = patching.unpatch(get_adapter(args.tool), args.path, name=args.name, force=args.force)
+    if "removed_entry" in result:
+        text = f"{result['path']}: removed entry {result['removed_entry']!r}"
+    else:
+        text = "\n".join([f"{result['path']}: restored"] + [f"  {rel}" for rel in result["restored"]])
+    _emit(args, result, text)
+    return 0
+
+
+def cmd_status(args) -> int:
+    if args.tool == "micro-sam":
+        from medico_adapters.adapters import micro_sam
+
+        result = micro_sam.status(cache=args.path)
+        _emit(args, result, result["message"])
+        return 0
+    from medico_adapters import patching
+    from medico_adapters.adapters import get_adapter
+
+    st = patching.status(get_adapter(args.tool), args.path)
+    lines = [
+        f"{st['path']}: {st['tool']}",
+        f"  layout:  {st['layout'] or 'unknown'} ({st['layout_description']})",
+        f"  patched: {'yes' if st['patched'] else 'no'}" + (f" (kit {st['kit_version']})" if st["kit_version"] else ""),
+    ]
+    lines += [f"  entry:   {e['name']} ({e['arch']}, {e['filename']})" for e in st["entries"]]
+    lines += [f"  file:    {rel}: {state}" for rel, state in st["files"].items()]
+    for c in st["checkpoints"]:
+        state = "matching" if c["matching"] else ("present but changed" if c["present"] else "missing")
+        lines.append(f"  checkpoint: {c['path']}: {state}")
+    lines += [f"  feature: {f}" for f in st["features"]]
+    if st["interrupted"]:
+        lines.append("  an interrupted run left a journal: run patch or unpatch to finish it")
+    _emit(args, st, "\n".join(lines))
+    return 0
+
+
+def cmd_install(args) -> int:
+    from medico_adapters import install
+
+    result = install.install(
+        args.tool, version=args.version, ref=args.ref, dest=args.dest, checkpoint=args.checkpoint,
+        python=args.python, name=args.name, skip_verify=args.no_verify, options=_tool_options(args),
+    )
+    _emit(args, result, result["message"])
+    return 0
+
+
+def cmd_segment(args) -> int:
+    from medico_adapters import segment
+
+    report = segment.run_cli(args)
+    _emit(args, report, report.get("message", ""))
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+EXAMPLES = {
+    "models": "medico-adapters models --json",
+    "fetch": "medico-adapters fetch vit_b_medical_imaging --from-file ~/Downloads/medicosam.pt",
+    "check": "medico-adapters check medicosam.pt",
+    "export": "medico-adapters export medicosam.pt -o vit_b_medicosam.pt --decoder-out decoder.pt",
+    "patch": "medico-adapters patch samm --path ./samm --dry-run --diff",
+    "unpatch": "medico-adapters unpatch napari-sam",
+    "status": "medico-adapters status napari-sam --json",
+    "install": "medico-adapters install napari-sam --version 0.4.13",
+    "segment": "medico-adapters segment ct.nii.gz -o mask.nii.gz --point 40,256,256 --window soft_tissue",
+}
+
+
+def _sub(subs, name: str, help_text: str, func) -> argparse.ArgumentParser:
+    p = subs.add_parser(
+        name, help=help_text, description=f"{help_text}\n\nexample:\n  {EXAMPLES[name]}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def _add_trust(p) -> None:
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="allow arbitrary pickled objects in the checkpoint (only for files you trust)")
+
+
+def _add_tool_options(p) -> None:
+    p.add_argument("--keep-default", action="store_true",
+                   help="samm: leave the upstream default model (vit_b/vit_h) in place")
+    p.add_argument("--model-dir", help="samm-server: the model directory (default <repo>/checkpoints)")
+    compat = p.add_mutually_exclusive_group()
+    compat.add_argument("--napari-compat", dest="napari_compat", action="store_true", default=None,
+                        help="napari-sam: also fix the napari>=0.6.2 layers_change break (auto-detected)")
+    compat.add_argument("--no-napari-compat", dest="napari_compat", action="store_false")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Put MedicoSAM (or any SAM checkpoint) into napari-sam, micro-sam, samm and SlicerSegmentWithSAM.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    subs = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subs.required = True
+
+    p = _sub(subs, "models", "List the known checkpoints and whether they are cached.", cmd_models)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _sub(subs, "fetch", "Download a known checkpoint into the cache, verifying its hash.", cmd_fetch)
+    p.add_argument("name", help="registry name (see `models`), e.g. vit_b_medical_imaging")
+    p.add_argument("--from-file", metavar="PATH", help="register a local copy instead of downloading")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = _sub(subs, "check", "Say what a checkpoint is: format, architecture, decoder, loadable.", cmd_check)
+    p.add_argument("checkpoint")
+    p.add_argument("--model-type", choices=["vit_b", "vit_l", "vit_h", "vit_t"], help="fail unless the weights are this architecture")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_trust(p)
+
+    p = _sub(subs, "export", "Write a plain SAM state dict (CPU tensors) every tool can load.", cmd_export)
+    p.add_argument("checkpoint")
+    p.add_argument("-o", "--output", required=True, help="the plain state dict to write")
+    p.add_argument("--decoder-out", metavar="OUT2", help="also write the segmentation decoder state here")
+    p.add_argument("--model-type", choices=["vit_b", "vit_l", "vit_h", "vit_t"], help="fail unless the weights are this architecture")
+    _add_trust(p)
+
+    for name, help_text, func in (
+        ("patch", "Rewrite a tool so it offers and loads MedicoSAM, and place the checkpoint it reads.", cmd_patch),
+        ("unpatch", "Restore every file a patch changed, byte for byte, and remove placed checkpoints.", cmd_unpatch),
+        ("status", "Show a tool's detected layout, patch state and checkpoints.", cmd_status),
+    ):
+        p = _sub(subs, name, help_text, func)
+        p.add_argument("tool", metavar="TOOL", help="napari-sam, micro-sam, samm or slicer-segment-with-sam")
+        p.add_argument("--path", metavar="DIR", help="the tool's source tree (default: the installed copy)")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
+        if name == "patch":
+            p.add_argument("--checkpoint", metavar="CKPT", help="weights to place (any format; default: cached MedicoSAM)")
+            p.add_argument("--name", help="add the checkpoint as a model entry with this name instead of MedicoSAM")
+            p.add_argument("--dry-run", action="store_true", help="change nothing; say what would change")
+            p.add_argument("--diff", action="store_true", help="print the unified diff of the source changes")
+            _add_trust(p)
+            _add_tool_options(p)
+        if name == "unpatch":
+            p.add_argument("--name", help="remove only this entry (and its checkpoint)")
+            p.add_argument("--force", action="store_true", help="restore files even if edited since the patch")
+
+    p = _sub(subs, "install", "Get a tool (pip or a pinned git clone), then patch it and check it loads.", cmd_install)
+    p.add_argument("tool", metavar="TOOL")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--version", help="PyPI release to install (napari-sam, micro-sam)")
+    g.add_argument("--ref", help="git commit/tag to clone (samm, slicer-segment-with-sam)")
+    p.add_argument("--dest", metavar="DIR", help="where to clone git tools")
+    p.add_argument("--path", metavar="DIR", help="patch this existing checkout instead of cloning")
+    p.add_argument("--checkpoint", metavar="CKPT")
+    p.add_argument("--name")
+    p.add_argument("--python", help="the Python environment to pip-install into (default: this one)")
+    p.add_argument("--no-verify", action="store_true", help="skip loading the model through the tool's code")
+    p.add_argument("--json", action="store_true")
+    _add_tool_options(p)
+
+    p = _sub(subs, "segment", "Segment a 2D image or 3D volume with MedicoSAM from point/box prompts.", cmd_segment)
+    p.add_argument("image", help="NIfTI, NRRD, MHA, DICOM series folder, PNG or TIFF")
+    p.add_argument("-o", "--output", required=True, help="mask file to write (same geometry as IMAGE)")
+    p.add_argument("--point", action="append", default=[], metavar="Z,Y,X[:LABEL]", help="point prompt (Y,X for 2D); label 1 = foreground, 0 = background")
+    p.add_argument("--box", action="append", default=[], metavar="Z,Y0,X0,Y1,X1", help="box prompt (Y0,X0,Y1,X1 for 2D)")
+    p.add_argument("--auto", action="store_true", help="automatic mask generation on a 2D image or --slice")
+    p.add_argument("--slice", type=int, help="slice index for --auto on a volume")
+    p.add_argument("--checkpoint", metavar="CKPT", help="weights (default: cached MedicoSAM)")
+    p.add_argument("--window", help="CT window preset (soft_tissue, lung, bone, brain) or W,L; default: percentile")
+    p.add_argument("--overlay", metavar="PNG", help="also write a PNG of the prompted slice with the mask")
+    p.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N")
+    p.add_argument("--fast", action="store_true", help="faster, near-identical embeddings (bf16)")
+    p.add_argument("--no-propagate", action="store_true", help="3D: segment only the prompted slice")
+    p.add_argument("--json", action="store_true")
+    _add_trust(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MedicoError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        where = e.filename or "file system"
+        print(f"{PROG}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def run() -> None:
+    raise SystemExit(main())

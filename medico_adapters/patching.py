@@ -1,0 +1,295 @@
+"""patch / unpatch / status for the adapters that rewrite a tool's source."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libcst as cst
+
+from medico_adapters import checkpoint as ckpt_mod
+from medico_adapters import engine, registry
+from medico_adapters.adapters.base import Adapter, Layout, parse, run_codemod
+from medico_adapters.engine import Entry, Plan, Tree
+from medico_adapters.errors import LayoutError, PatchError
+
+
+@dataclass
+class PatchResult:
+    tool: str
+    root: Path
+    layout: str
+    changed: list[str]
+    placed: list[str]
+    entries: list[Entry]
+    diff: str = ""
+    dry_run: bool = False
+    recovered: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "tool": self.tool,
+            "path": str(self.root),
+            "layout": self.layout,
+            "changed": self.changed,
+            "placed": self.placed,
+            "entries": [e.as_dict() for e in self.entries],
+            "dry_run": self.dry_run,
+            "already_patched": not self.changed and not self.placed,
+            "recovered": self.recovered,
+            "notes": self.notes,
+        }
+
+
+def _root(path: str | os.PathLike | None, adapter: Adapter) -> Path:
+    root = Path(path) if path is not None else adapter.locate()
+    if not root.exists():
+        raise PatchError(f"{root}: no such folder")
+    if not root.is_dir():
+        raise PatchError(f"{root}: is not a folder (give the tool's source tree)")
+    return root
+
+
+def transform_files(adapter: Adapter, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> dict[str, bytes]:
+    """Upstream bytes of each layout file run through the layout's transforms, in order."""
+    results = {rel: tree.original(rel) for rel in layout.files}
+    if not entries:
+        return results
+    for step in adapter.steps(tree, layout, entries, options):
+        before = results[step.file]
+        after = run_codemod(step.transform, before, **step.kwargs)
+        if after == before and getattr(step.transform, "REQUIRED", True):
+            reason = getattr(step.transform, "DESCRIPTION", step.transform.__name__)
+            raise LayoutError(f"{tree.path(step.file)}: {step.transform.__name__} found nothing to change ({reason})")
+        results[step.file] = after
+    for rel, data in results.items():
+        try:
+            compile(cst.parse_module(data).code, str(tree.path(rel)), "exec")
+        except (SyntaxError, cst.ParserSyntaxError) as e:  # a transform bug; never write it
+            raise PatchError(f"{tree.path(rel)}: the patched file would not compile ({e}); nothing was written") from None
+    return results
+
+
+def _source_checkpoint(checkpoint: str | os.PathLike | None, entry: Entry, trust: bool) -> ckpt_mod.Checkpoint:
+    if checkpoint is None:
+        if not entry.default:
+            raise PatchError(f"--checkpoint is needed to add {entry.name!r}")
+        checkpoint = registry.cached_path(registry.MEDICOSAM) or registry.fetch(registry.MEDICOSAM)
+    loaded = ckpt_mod.load_checkpoint(checkpoint, trust=trust)
+    if entry.default and loaded.info.arch != entry.arch:
+        raise PatchError(
+            f"{checkpoint}: holds {loaded.info.arch} weights but the MedicoSAM entry is {entry.arch}; "
+            "add it under its own name with --name"
+        )
+    ckpt_mod.require_loadable(loaded, entry.arch)
+    return loaded
+
+
+def _writer(loaded: ckpt_mod.Checkpoint | None, checkpoint, entry: Entry, target: Path, trust: bool):
+    """Export lazily: a dry run never reads (or downloads) the checkpoint."""
+
+    def write(folder: Path) -> Path:
+        source = loaded or _source_checkpoint(checkpoint, entry, trust)
+        return ckpt_mod.write_plain(source, target)
+
+    return write
+
+
+def plan_patch(
+    adapter: Adapter,
+    path: str | os.PathLike | None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    name: str | None = None,
+    options: dict | None = None,
+    trust: bool = False,
+    remove: str | None = None,
+) -> tuple[Plan, Tree, Layout]:
+    root = _root(path, adapter)
+    tree = Tree(root)
+    layout = adapter.detect(tree)
+    manifest = tree.manifest or {}
+    if manifest and manifest.get("tool") != adapter.tool:
+        raise PatchError(f"{root}: was patched as {manifest.get('tool')!r}, not {adapter.tool!r}")
+    entries = [Entry.from_dict(d) for d in manifest.get("entries", [])]
+    merged_options = {**manifest.get("options", {}), **(options or {})}
+
+    placements: list[engine.Placement] = []
+    removals: list[Path] = []
+    if remove is not None:
+        match = [e for e in entries if e.name == remove]
+        if not match:
+            raise PatchError(f"{root}: has no patched entry named {remove!r} (entries: {', '.join(e.name for e in entries) or 'none'})")
+        entries = [e for e in entries if e.name != remove]
+        removals.append(adapter.checkpoint_path(tree, layout, match[0], merged_options))
+    else:
+        loaded = None
+        if name is not None:
+            if checkpoint is None:
+                raise PatchError("--name needs --checkpoint: the file whose weights the new entry loads")
+            loaded = ckpt_mod.load_checkpoint(checkpoint, trust=trust)
+            ckpt_mod.require_loadable(loaded)
+            if loaded.info.arch not in adapter.supported_archs(layout):
+                raise PatchError(f"{checkpoint}: {adapter.tool} ({layout.name}) cannot build {loaded.info.arch} models")
+            entry = adapter.custom_entry(name, loaded.info.arch)
+        else:
+            entry = adapter.default_entry()
+        same = [e for e in entries if e.name == entry.name]
+        if same and same[0] != entry:
+            raise PatchError(f"{root}: an entry named {entry.name!r} already exists with other weights; unpatch --name it first")
+        if not same:
+            clash = [e for e in entries if e.filename == entry.filename]
+            if clash:
+                raise PatchError(f"{root}: {entry.name!r} would share the checkpoint file {entry.filename} with {clash[0].name!r}")
+            validate = getattr(adapter, "validate_entry", None)
+            if validate is not None:
+                validate(tree, layout, entry)
+            entries.append(entry)
+        target = adapter.checkpoint_path(tree, layout, entry, merged_options)
+        record = manifest.get("checkpoints", {}).get(str(target))
+        in_place = record is not None and target.is_file() and engine.sha256_file(target) == record.get("sha256")
+        if checkpoint is not None or not in_place:
+            placements.append(engine.Placement(entry, target, _writer(loaded, checkpoint, entry, target, trust)))
+
+    files = transform_files(adapter, tree, layout, entries, merged_options)
+    current = {rel: tree.current(rel) for rel in layout.files}
+    changed = {rel: data for rel, data in files.items() if data != current[rel]}
+    originals = {rel: tree.original(rel) for rel in layout.files}
+    plan = Plan(
+        tool=adapter.tool,
+        layout=layout.name,
+        root=root,
+        entries=entries,
+        files=changed,
+        current=current,
+        originals=originals,
+        placements=placements,
+        features=adapter.features(tree, layout, merged_options),
+        options=merged_options,
+        removals=removals,
+    )
+    return plan, tree, layout
+
+
+def _drop_unchanged_placements(plan: Plan, manifest: dict) -> None:
+    """Re-placing an identical checkpoint is not a change: compare before committing."""
+    kept = []
+    for placement in plan.placements:
+        record = manifest.get("checkpoints", {}).get(str(placement.target))
+        if record and placement.target.is_file() and engine.sha256_file(placement.target) == record.get("sha256"):
+            tmp = placement.write(placement.target.parent)
+            same = engine.sha256_file(tmp) == record["sha256"]
+            if same:
+                tmp.unlink()
+                continue
+            placement.write = lambda folder, tmp=tmp: tmp
+        kept.append(placement)
+    plan.placements = kept
+
+
+def patch(
+    adapter: Adapter,
+    path: str | os.PathLike | None = None,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    name: str | None = None,
+    options: dict | None = None,
+    dry_run: bool = False,
+    trust: bool = False,
+) -> PatchResult:
+    root = _root(path, adapter)
+    if dry_run:
+        recovered = None
+        plan, tree, layout = plan_patch(adapter, root, checkpoint=checkpoint, name=name, options=options, trust=trust)
+    else:
+        with engine.locked(root):
+            recovered = engine.recover(root)
+            plan, tree, layout = plan_patch(adapter, root, checkpoint=checkpoint, name=name, options=options, trust=trust)
+            engine.discard_stale_tmps([tree.path(rel) for rel in tree_files(tree, layout)])
+            _drop_unchanged_placements(plan, tree.manifest or {})
+            if not plan.empty:
+                engine.commit_patch(plan)
+    return PatchResult(
+        tool=adapter.tool,
+        root=root,
+        layout=plan.layout,
+        changed=sorted(plan.files),
+        placed=[str(p.target) for p in plan.placements],
+        entries=plan.entries,
+        diff=plan.diff(),
+        dry_run=dry_run,
+        recovered=recovered,
+    )
+
+
+def tree_files(tree: Tree, layout: Layout) -> list[str]:
+    return list(layout.files)
+
+
+def unpatch(adapter: Adapter, path: str | os.PathLike | None = None, *, name: str | None = None, force: bool = False) -> dict:
+    root = _root(path, adapter)
+    with engine.locked(root):
+        recovered = engine.recover(root)
+        manifest = engine.read_manifest(root)
+        if manifest is None:
+            if recovered == "unpatch":
+                return {"tool": adapter.tool, "path": str(root), "restored": [], "recovered": recovered}
+            raise PatchError(f"{root}: not patched by medico-adapters (no {engine.STATE_DIR}/{engine.MANIFEST})")
+        remaining = [e for e in manifest.get("entries", []) if e["name"] != name]
+        if name is not None and remaining:
+            plan, _, _ = plan_patch(adapter, root, remove=name)
+            engine.commit_patch(plan)
+            return {"tool": adapter.tool, "path": str(root), "removed_entry": name, "changed": sorted(plan.files)}
+        if name is not None and len(remaining) == len(manifest.get("entries", [])):
+            raise PatchError(f"{root}: has no patched entry named {name!r}")
+        restored = engine.commit_unpatch(root, manifest, force=force)
+    return {"tool": adapter.tool, "path": str(root), "restored": restored, "recovered": recovered}
+
+
+def status(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
+    root = _root(path, adapter)
+    tree = Tree(root)
+    pending = (root / engine.STATE_DIR / engine.JOURNAL).exists()
+    try:
+        layout = adapter.detect(tree)
+        layout_name, layout_desc = layout.name, layout.description
+    except LayoutError as e:
+        layout, layout_name, layout_desc = None, None, str(e)
+    manifest = tree.manifest
+    files = {}
+    checkpoints = []
+    if manifest:
+        for rel, record in manifest["files"].items():
+            p = root / rel
+            now = engine.sha256_bytes(p.read_bytes()) if p.exists() else None
+            files[rel] = (
+                "patched" if now == record.get("patched_sha256")
+                else "original" if now == record["original_sha256"]
+                else "edited since patch"
+            )
+        for target, record in manifest.get("checkpoints", {}).items():
+            present = Path(target).is_file()
+            checkpoints.append({
+                "path": target,
+                "entry": record.get("entry"),
+                "present": present,
+                "matching": present and engine.sha256_file(Path(target)) == record.get("sha256"),
+            })
+    patched = bool(manifest) and all(v == "patched" for v in files.values())
+    return {
+        "tool": adapter.tool,
+        "path": str(root),
+        "layout": layout_name,
+        "layout_description": layout_desc,
+        "patched": patched,
+        "kit_version": manifest.get("kit_version") if manifest else None,
+        "entries": manifest.get("entries", []) if manifest else [],
+        "features": manifest.get("features", []) if manifest else [],
+        "files": files,
+        "checkpoints": checkpoints,
+        "interrupted": pending,
+    }
+
