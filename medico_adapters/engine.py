@@ -188,7 +188,6 @@ def locked(root: Path) -> Iterator[None]:
     import fcntl
 
     state = Path(root) / STATE_DIR
-    created = not state.exists()
     try:
         state.mkdir(exist_ok=True)
     except OSError as e:
@@ -207,10 +206,10 @@ def locked(root: Path) -> Iterator[None]:
                 time.sleep(0.05)
         yield
     finally:
-        os.close(fd)
-        # Leave no state folder behind on a tree that was never patched.
-        if created and not (state / MANIFEST).exists() and not (state / JOURNAL).exists():
+        # An unpatched tree keeps no state folder (removed while still locked).
+        if not any((state / name).exists() for name in (MANIFEST, JOURNAL, "backup")):
             shutil.rmtree(state, ignore_errors=True)
+        os.close(fd)
 
 
 def _check_target(root: Path, rel: str) -> Path:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from medico_adapters.adapters import napari_sam
+from medico_adapters.adapters import napari_sam, samm, slicer_sws
 from medico_adapters.adapters.base import Adapter
 from medico_adapters.errors import MedicoError
 
 TOOLS: dict[str, Adapter] = {
     napari_sam.ADAPTER.tool: napari_sam.ADAPTER,
+    samm.ADAPTER.tool: samm.ADAPTER,
+    slicer_sws.ADAPTER.tool: slicer_sws.ADAPTER,
 }
 #: tools whose integration needs no source change (handled by medico_adapters.adapters.micro_sam).
 CACHE_TOOLS = ("micro-sam",)

@@ -63,8 +63,11 @@ def append_elements(node: cst.List | cst.Tuple, new: list[cst.Element]) -> cst.L
     elements = list(node.elements)
     if not elements:
         return node.with_changes(elements=[e.with_changes(comma=_NOTHING) for e in new])
+    opening = node.lbracket.whitespace_after if isinstance(node, cst.List) else (node.lpar[0].whitespace_after if node.lpar else None)
     if len(elements) > 1 and isinstance(elements[-2].comma, cst.Comma):
         between = elements[-2].comma
+    elif isinstance(opening, cst.ParenthesizedWhitespace):
+        between = cst.Comma(whitespace_after=opening)
     else:
         between = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
     trailing = elements[-1].comma
@@ -296,6 +299,9 @@ class AddMedicoLoader(VisitorBasedCodemodCommand):
 
     def visit_Module(self, node: cst.Module) -> None:
         self.names = _segment_anything_names(node)
+        table = module_assignment(node, MODELS_TABLE)
+        if table is not None and _code(table.value) == _code(self._table().body[0].value) and m.findall(node, m.FunctionDef(name=m.Name(LOADER))):
+            raise SkipFile("the exact-name loader already holds these entries")
 
     def _table(self) -> cst.SimpleStatementLine:
         pairs = ", ".join(f'"{e.name}": ("{e.arch}", "{e.filename}")' for e in self.entries)
@@ -332,7 +338,7 @@ class AddMedicoLoader(VisitorBasedCodemodCommand):
         if not params:
             return updated
         param = params[0]
-        body = [s for s in updated.body.body if not m.matches(s, m.If(test=m.Comparison(comparisons=[m.ComparisonTarget(comparator=m.Name(MODELS_TABLE))])))]
+        body = _without(list(updated.body.body), m.If(test=m.Comparison(comparisons=[m.ComparisonTarget(comparator=m.Name(MODELS_TABLE))])))
         prefix = m.If(test=m.Call(func=m.Attribute(value=m.Name(param), attr=m.Name("startswith"))))
         at = next((i for i, s in enumerate(body) if m.matches(s, prefix)), None)
         if at is None:
@@ -356,7 +362,7 @@ class AddMedicoLoader(VisitorBasedCodemodCommand):
     def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
         if not self.dispatched:
             raise SkipFile("no initNetwork with a model.startswith(...) dispatch")
-        body = [s for s in updated.body if module_assignment(cst.Module([s]), MODELS_TABLE) is None]
+        body = _without(list(updated.body), m.SimpleStatementLine(body=[m.Assign(targets=[m.AssignTarget(target=m.Name(MODELS_TABLE))])]))
         owner = next(
             i for i, s in enumerate(body)
             if isinstance(s, cst.ClassDef) and any(isinstance(f, cst.FunctionDef) and f.name.value == "initNetwork" for f in s.body.body)
@@ -367,6 +373,21 @@ class AddMedicoLoader(VisitorBasedCodemodCommand):
         if result.deep_equals(original):
             raise SkipFile("the exact-name loader already holds these entries")
         return result
+
+
+def _without(body: list, matcher) -> list:
+    """``body`` less the statements matching ``matcher``, their blank lines kept for the next one."""
+    out: list = []
+    carry = None
+    for stmt in body:
+        if m.matches(stmt, matcher):
+            carry = stmt.leading_lines
+            continue
+        if carry is not None:
+            stmt = stmt.with_changes(leading_lines=carry)
+            carry = None
+        out.append(stmt)
+    return out
 
 
 class SetDefaultModel(VisitorBasedCodemodCommand):

@@ -1,0 +1,405 @@
+"""SlicerSegmentWithSAM (mazurowski-lab/SlicerSegmentWithSAM): the 3D Slicer extension.
+
+Layouts, both in ``SegmentWithSAM/SegmentWithSAM.py``:
+
+* ``W2`` (SAM-2 era, 2024+): drop-down items added with ``self.ui.modelDropDown.addItem(...)`` and
+  an exact-text ``changeModel`` if/elif chain; each entry gets an item and a SAM-1 style branch.
+* ``W1`` (2023): one hard-wired model (``modelVersion``/``modelName``/``modelCheckpoint``) built at
+  start-up; the patch points it at the entry and guards the "missing -> download vit_h under this
+  name" branches so they can never put ViT-H weights in MedicoSAM's file.
+
+Checkpoints go where the module computes them: relative to its own file, via
+``resourcePath("UI") + "/../../../..."``, both in a source checkout and an installed extension.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import libcst as cst
+import libcst.matchers as m
+from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
+
+from medico_adapters.adapters.base import (
+    MEDICOSAM_FILENAME,
+    Adapter,
+    Layout,
+    Step,
+    check_display_name,
+    parse,
+    slug,
+    string_literal,
+)
+from medico_adapters.engine import Entry, Tree
+from medico_adapters.errors import LayoutError, PatchError
+
+MODULE = "SegmentWithSAM.py"
+SOURCE_MODULE = "SegmentWithSAM/" + MODULE
+DEFAULT_NAME = "MedicoSAM (ViT-B)"
+GUARD_HINT = "run `medico-adapters patch slicer-segment-with-sam` to place this checkpoint"
+DOWNLOADERS = ("downloadFileIntoCache", "urlretrieve", "copyfile", "download")
+
+_ADD_ITEM = m.Call(
+    func=m.Attribute(value=m.Attribute(attr=m.Name("modelDropDown")), attr=m.Name("addItem")),
+    args=[m.Arg(value=m.SimpleString())],
+)
+
+
+def _self_attr(name: str) -> m.Attribute:
+    return m.Attribute(value=m.Name("self"), attr=m.Name(name))
+
+
+def _assign_to(name: str) -> m.Assign:
+    return m.Assign(targets=[m.AssignTarget(target=_self_attr(name))])
+
+
+def _contains(node: cst.CSTNode, matcher) -> bool:
+    return bool(m.findall(node, matcher))
+
+
+class AddDropDownItems(VisitorBasedCodemodCommand):
+    """Add each entry to the model drop-down after the module's own items (W2).
+
+    Before::
+
+        self.ui.modelDropDown.addItem("SAM (ViT-H)")
+
+    After::
+
+        self.ui.modelDropDown.addItem("SAM (ViT-H)")
+        self.ui.modelDropDown.addItem("MedicoSAM (ViT-B)")
+    """
+
+    DESCRIPTION = "Offer new models in SegmentWithSAM's model drop-down."
+
+    def __init__(self, context, entries: Sequence[Entry]) -> None:
+        super().__init__(context)
+        self.entries = list(entries)
+        self.present: set[str] = set()
+        self.done = False
+
+    def visit_Module(self, node: cst.Module) -> None:
+        self.present = {c.args[0].value.evaluated_value for c in m.findall(node, _ADD_ITEM)}
+
+    def leave_IndentedBlock(self, original: cst.IndentedBlock, updated: cst.IndentedBlock) -> cst.IndentedBlock:
+        body = list(updated.body)
+        last = max((i for i, s in enumerate(body) if m.matches(s, m.SimpleStatementLine(body=[m.Expr(value=_ADD_ITEM)]))), default=None)
+        if last is None or self.done:
+            return updated
+        self.done = True
+        template = body[last]
+        call = template.body[0].value
+        new = [
+            template.with_changes(
+                leading_lines=[],
+                body=[template.body[0].with_changes(value=call.with_changes(args=[call.args[0].with_changes(value=string_literal(e.name, call.args[0].value))]))],
+            )
+            for e in self.entries
+            if e.name not in self.present
+        ]
+        if not new:
+            raise SkipFile("every entry is already in the model drop-down")
+        body[last + 1: last + 1] = new
+        return updated.with_changes(body=body)
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        if not self.done:
+            raise SkipFile("no self.ui.modelDropDown.addItem(...) calls")
+        return updated
+
+
+class AddChangeModelBranches(VisitorBasedCodemodCommand):
+    """Give ``changeModel`` a branch per entry, copied from its SAM (ViT-x) branches (W2).
+
+    Before::
+
+        elif modelName == "SAM (ViT-H)":
+            self.modelVersion = "vit_h"
+            self.checkpointName = "sam_vit_h_4b8939.pth"
+            self.modelCheckpoint = self.checkpointFolder + self.checkpointName
+            model = sam_model_registry[self.modelVersion](checkpoint=self.modelCheckpoint)
+            model.to(device=self.device)
+            self.sam = SamPredictor(model)
+
+    After::
+
+        elif modelName == "SAM (ViT-H)":
+            ...
+        elif modelName == "MedicoSAM (ViT-B)":
+            self.modelVersion = "vit_b"
+            self.checkpointName = "vit_b_medicosam.pt"
+            self.modelCheckpoint = self.checkpointFolder + self.checkpointName
+            model = sam_model_registry[self.modelVersion](checkpoint=self.modelCheckpoint)
+            model.to(device=self.device)
+            self.sam = SamPredictor(model)
+    """
+
+    DESCRIPTION = "Load new models in SegmentWithSAM's changeModel, like its SAM-1 branches."
+
+    def __init__(self, context, entries: Sequence[Entry]) -> None:
+        super().__init__(context)
+        self.entries = list(entries)
+        self.done = False
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        if updated.name.value != "changeModel" or self.done:
+            return updated
+        params = [p.name.value for p in updated.params.params if p.name.value != "self"]
+        if not params:
+            return updated
+        param = params[0]
+        body = list(updated.body.body)
+        for i, stmt in enumerate(body):
+            if m.matches(stmt, m.If(test=m.Comparison(left=m.Name(param), comparisons=[m.ComparisonTarget(operator=m.Equal())]))):
+                chain = self._extend(stmt, param)
+                if chain is not None:
+                    body[i] = chain
+                    self.done = True
+                    return updated.with_changes(body=updated.body.with_changes(body=body))
+        return updated
+
+    def _extend(self, head: cst.If, param: str) -> cst.If | None:
+        branches: list[cst.If] = []
+        node: cst.If | cst.Else | None = head
+        while isinstance(node, cst.If):
+            branches.append(node)
+            node = node.orelse
+        tail = node  # an `else:` or None
+        names = [b.test.comparisons[0].comparator.evaluated_value for b in branches if isinstance(b.test, cst.Comparison) and isinstance(b.test.comparisons[0].comparator, cst.SimpleString)]
+        template = next(
+            (b for b in branches if _contains(b.body, m.Subscript(value=m.Name("sam_model_registry"))) and _contains(b.body, _assign_to("modelVersion"))),
+            None,
+        )
+        if template is None:
+            return None
+        new = [e for e in self.entries if e.name not in names]
+        if not new:
+            raise SkipFile("changeModel already has a branch per entry")
+        like = branches[-1].test.comparisons[0].comparator
+        added = [
+            cst.If(
+                test=template.test.with_changes(comparisons=[template.test.comparisons[0].with_changes(comparator=string_literal(e.name, like))]),
+                body=_retarget(template.body, e),
+                leading_lines=template.leading_lines,
+            )
+            for e in new
+        ]
+        chain: cst.If | cst.Else | None = tail
+        for branch in reversed([*branches, *added]):
+            chain = branch.with_changes(orelse=chain)
+        return chain
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        if not self.done:
+            raise SkipFile("no changeModel if/elif chain with a sam_model_registry branch")
+        return updated
+
+
+def _retarget(block: cst.BaseSuite, entry: Entry) -> cst.BaseSuite:
+    """A SAM-1 branch body with its model version and checkpoint name set to the entry's."""
+
+    class _Retarget(cst.CSTTransformer):
+        def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+            if not isinstance(updated.value, cst.SimpleString):
+                return updated
+            if m.matches(updated, _assign_to("modelVersion")):
+                return updated.with_changes(value=string_literal(entry.arch, updated.value))
+            if m.matches(updated, _assign_to("checkpointName")):
+                return updated.with_changes(value=string_literal(entry.filename, updated.value))
+            return updated
+
+    return block.visit(_Retarget())
+
+
+class PointModelAttributes(VisitorBasedCodemodCommand):
+    """Point W1's hard-wired model at the entry.
+
+    Before::
+
+        self.modelVersion = "vit_h"
+        self.modelName = "sam_vit_h_4b8939.pth"
+
+    After::
+
+        self.modelVersion = "vit_b"
+        self.modelName = "vit_b_medicosam.pt"
+    """
+
+    DESCRIPTION = "Make SegmentWithSAM (W1) build the entry's model from the entry's file."
+
+    def __init__(self, context, entry: Entry) -> None:
+        super().__init__(context)
+        self.values = {"modelVersion": entry.arch, "modelName": entry.filename}
+        self.found: set[str] = set()
+
+    def leave_Assign(self, original: cst.Assign, updated: cst.Assign) -> cst.Assign:
+        for attr, value in self.values.items():
+            if m.matches(updated, _assign_to(attr)) and isinstance(updated.value, cst.SimpleString) and attr not in self.found:
+                self.found.add(attr)
+                return updated.with_changes(value=string_literal(value, updated.value))
+        return updated
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        if self.found != set(self.values):
+            raise SkipFile("no self.modelVersion/self.modelName string assignments")
+        if updated.deep_equals(original):
+            raise SkipFile("the model attributes already point at the entry")
+        return updated
+
+
+class GuardCheckpointDownload(VisitorBasedCodemodCommand):
+    """Stop W1's "checkpoint missing -> fetch vit_h under that name" branches replacing our file.
+
+    Before::
+
+        if not os.path.exists(self.modelCheckpoint):
+            ...downloadFileIntoCache("https://.../sam_vit_h_4b8939.pth", ...)
+            shutil.copyfile(downloadedFilePath, self.modelCheckpoint)
+
+    After::
+
+        if not os.path.exists(self.modelCheckpoint):
+            if os.path.basename(self.modelCheckpoint) == "vit_b_medicosam.pt":
+                raise FileNotFoundError(f"{self.modelCheckpoint} is missing: run `medico-adapters patch ...`")
+            ...
+    """
+
+    DESCRIPTION = "Guard SegmentWithSAM's vit_h download so it never writes to MedicoSAM's file."
+
+    def __init__(self, context, filename: str) -> None:
+        super().__init__(context)
+        self.filename = filename
+        self.guarded = 0
+        self.added = 0
+
+    def _guard(self, path: str) -> cst.If:
+        return cst.ensure_type(
+            cst.parse_statement(
+                f'if os.path.basename({path}) == "{self.filename}":\n'
+                f'    raise FileNotFoundError(f"{{{path}}} is missing: {GUARD_HINT}")\n'
+            ),
+            cst.If,
+        )
+
+    def leave_If(self, original: cst.If, updated: cst.If) -> cst.If:
+        exists = m.UnaryOperation(operator=m.Not(), expression=m.Call(func=m.Attribute(attr=m.Name("exists")), args=[m.Arg()]))
+        if not m.matches(updated.test, exists) or not isinstance(updated.body, cst.IndentedBlock):
+            return updated
+        calls = [c for c in m.findall(updated.body, m.Call()) if _called(c) in DOWNLOADERS]
+        if not calls:
+            return updated
+        first = updated.body.body[0] if updated.body.body else None
+        if first is not None and GUARD_HINT in cst.Module([]).code_for_node(first):
+            self.guarded += 1
+            return updated
+        path = cst.Module([]).code_for_node(updated.test.expression.args[0].value)
+        if path != "self.modelCheckpoint":
+            return updated
+        self.guarded += 1
+        self.added += 1
+        return updated.with_changes(body=updated.body.with_changes(body=[self._guard(path), *updated.body.body]))
+
+    def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
+        if not self.added:
+            raise SkipFile("already guarded" if self.guarded else "no download branch for a missing self.modelCheckpoint")
+        return updated
+
+
+def _called(call: cst.Call) -> str:
+    func = call.func
+    return func.value if isinstance(func, cst.Name) else func.attr.value if isinstance(func, cst.Attribute) else ""
+
+
+def _folder_expression(module: cst.Module, attr: str) -> list[cst.BaseExpression] | None:
+    """The ``+`` operands of ``self.<attr> = ...`` in the widget (first assignment)."""
+    for assign in m.findall(module, _assign_to(attr)):
+        parts: list[cst.BaseExpression] = []
+        node = assign.value
+        while isinstance(node, cst.BinaryOperation) and isinstance(node.operator, cst.Add):
+            parts.insert(0, node.right)
+            node = node.left
+        parts.insert(0, node)
+        return parts
+    return None
+
+
+class SlicerSwsAdapter(Adapter):
+    tool = "slicer-segment-with-sam"
+    description = "SlicerSegmentWithSAM (mazurowski-lab): W1 (2023, one model) and W2 (2024+, model drop-down)"
+
+    def _module(self, tree: Tree) -> str:
+        if tree.exists(SOURCE_MODULE):
+            return SOURCE_MODULE
+        if tree.exists(MODULE):
+            return MODULE
+        raise LayoutError(f"{tree.root}: no {SOURCE_MODULE} (source checkout) or {MODULE} (extension folder)")
+
+    def detect(self, tree: Tree) -> Layout:
+        rel = self._module(tree)
+        module = parse(tree, rel)
+        has_change = _contains(module, m.FunctionDef(name=m.Name("changeModel")))
+        if has_change and m.findall(module, _ADD_ITEM):
+            return Layout("W2", "SAM/SAM-2 model drop-down with changeModel (2024+)", (rel,))
+        if _contains(module, _assign_to("modelVersion")) and _contains(module, _assign_to("modelName")):
+            return Layout("W1", "one hard-wired SAM model (2023)", (rel,))
+        raise LayoutError(
+            f"{tree.path(rel)}: found neither modelDropDown.addItem + changeModel (W2) nor self.modelVersion/self.modelName (W1)"
+        )
+
+    def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
+        rel = layout.files[0]
+        if layout.name == "W2":
+            return [Step(rel, AddDropDownItems, {"entries": entries}), Step(rel, AddChangeModelBranches, {"entries": entries})]
+        entry = next((e for e in entries if e.default), entries[0])
+        steps = [Step(rel, PointModelAttributes, {"entry": entry})]
+        # the oldest W1 only prints where to put the file; there is no download to guard.
+        if any(_called(c) in DOWNLOADERS for c in m.findall(parse(tree, rel), m.Call())):
+            steps.append(Step(rel, GuardCheckpointDownload, {"filename": entry.filename}))
+        return steps
+
+    def default_entry(self) -> Entry:
+        return Entry(DEFAULT_NAME, "vit_b", MEDICOSAM_FILENAME, default=True)
+
+    def custom_entry(self, name: str, arch: str) -> Entry:
+        check_display_name(name)
+        if "SAM-2" in name:
+            raise PatchError(f"model name {name!r} contains 'SAM-2', which SegmentWithSAM treats as a SAM-2 model; choose another --name")
+        return Entry(name, arch, f"{arch}_{slug(name)}.pt")
+
+    def validate_entry(self, tree: Tree, layout: Layout, entry: Entry) -> None:
+        if "SAM-2" in entry.name:
+            raise PatchError(f"model name {entry.name!r} contains 'SAM-2'; choose another --name")
+        if layout.name == "W1" and (tree.manifest or {}).get("entries"):
+            raise PatchError(f"{tree.path(layout.files[0])}: this SegmentWithSAM (W1) loads a single model; it cannot offer {entry.name!r} as well")
+        items = {c.args[0].value.evaluated_value for c in m.findall(parse(tree, layout.files[0]), _ADD_ITEM)}
+        if entry.name in items:
+            raise PatchError(f"{tree.path(layout.files[0])}: the model drop-down already has {entry.name!r}; choose another --name")
+
+    def checkpoint_path(self, tree: Tree, layout: Layout, entry: Entry, options: dict) -> Path:
+        """Evaluate the module's own path expression against where its file is."""
+        rel = layout.files[0]
+        module_dir = tree.path(rel).parent
+        attr = "checkpointFolder" if layout.name == "W2" else "modelCheckpoint"
+        parts = _folder_expression(parse(tree, rel), attr) or []
+        text = ""
+        for part in parts:
+            if m.matches(part, m.Call(func=m.Attribute(value=m.Name("self"), attr=m.Name("resourcePath")), args=[m.Arg(value=m.SimpleString())])):
+                text += str(module_dir / "Resources" / part.args[0].value.evaluated_value)
+            elif isinstance(part, cst.SimpleString):
+                text += part.evaluated_value
+            elif m.matches(part, _self_attr("modelName") | _self_attr("checkpointName")):
+                text += entry.filename
+            else:
+                text = ""
+                break
+        if not text:
+            default = "../model_checkpoints/" if layout.name == "W2" else "../"
+            text = str(module_dir) + "/" + default
+        if layout.name == "W2":
+            text = text.rstrip("/") + "/" + entry.filename
+        return Path(os.path.normpath(text))
+
+
+ADAPTER = SlicerSwsAdapter()

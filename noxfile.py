@@ -1,0 +1,135 @@
+"""nox sessions: the unit suite, lint, and one integration session per tool.
+
+Integration sessions install the real tool, install this package on top, and run the tests in
+``integration/`` that execute the tool's own model-loading code. Installing torch costs ~70 s and
+5.5 GB per environment, so each session's venv sees the base environment that runs nox (which
+holds torch, segment-anything and this kit's dependencies) through a ``.pth`` file; what a session
+installs itself takes precedence. Each session appends a row to integration/COMPATIBILITY.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import site
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+REPORT = ROOT / "integration" / "COMPATIBILITY.md"
+RESULTS = ROOT / "integration" / "results.json"
+NAPARI_SAM_RELEASES = {"0.4.0": "N1", "0.4.5": "N2", "0.4.13": "N3"}
+GOOD_NAPARI = "napari==0.5.6"
+
+
+def link_base(session: nox.Session) -> None:
+    """Let the session's venv import torch & co. from the environment running nox."""
+    venv_site = session.run(
+        "python", "-c", "import site; print(site.getsitepackages()[0])", silent=True
+    ).strip().splitlines()[-1]
+    Path(venv_site, "_medico_base_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+
+
+def record(tool: str, version: str, layout: str, loaded: str) -> None:
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    rows[f"{tool} {version}"] = {
+        "tool": tool, "version": version, "layout": layout, "patched": "yes",
+        "loaded": loaded, "date": datetime.date.today().isoformat(),
+    }
+    RESULTS.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
+    lines = [
+        "# Compatibility",
+        "",
+        "Written by the nox integration sessions (`nox -t integration`). \"Loaded\" means the tool's own",
+        "model-loading code built SAM from the placed checkpoint and its weights matched (random",
+        "weights of the real architecture: plumbing, not accuracy).",
+        "",
+        "| tool | version / commit | layout | patched | loaded by the tool's code | date |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['tool']} | {r['version']} | {r['layout']} | {r['patched']} | {r['loaded']} | {r['date']} |" for r in rows.values()]
+    REPORT.write_text("\n".join(lines) + "\n")
+
+
+def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None) -> None:
+    link_base(session)
+    if requirements:
+        session.install(*requirements)
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "pip", "freeze", silent=False)
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env or {})
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The unit suite (what .ci/run runs)."""
+    link_base(session)
+    session.install("--no-deps", "-e", ".")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "medico_adapters", "tests", "integration", "noxfile.py")
+
+
+@nox.session(tags=["integration", "napari-sam"])
+@nox.parametrize("release", list(NAPARI_SAM_RELEASES))
+def napari_sam(session: nox.Session, release: str) -> None:
+    """A representative release of each napari-sam layout, with napari 0.5.6."""
+    run_integration(
+        session, "napari-sam", [f"napari-sam=={release}", GOOD_NAPARI, "pyqt5"],
+        "integration/test_napari_real.py",
+        env={"MEDICO_NAPARI_SAM_VERSION": release, "QT_QPA_PLATFORM": "offscreen"},
+    )
+    record("napari-sam", f"{release} (napari 0.5.6)", NAPARI_SAM_RELEASES[release], "yes")
+
+
+@nox.session(tags=["integration", "napari-sam"])
+def napari_sam_newest_napari(session: nox.Session) -> None:
+    """The newest napari-sam on the newest napari, which needs the layers_change compat transform."""
+    run_integration(
+        session, "napari-sam", ["napari-sam", "napari", "pyqt5"], "integration/test_napari_real.py",
+        env={"QT_QPA_PLATFORM": "offscreen"},
+    )
+    versions = session.run(
+        "python", "-c", "from importlib.metadata import version as v; print(v('napari-sam'), v('napari'))", silent=True
+    ).split()
+    record("napari-sam", f"{versions[0]} (napari {versions[1]})", "N3 + compat", "yes")
+
+
+@nox.session(tags=["integration", "micro-sam"])
+def micro_sam(session: nox.Session) -> None:
+    """micro-sam from PyPI: its get_sam_model loads the exported and the training-format files."""
+    run_integration(session, "micro-sam", ["micro-sam"], "integration/test_micro_sam_real.py")
+    version = session.run("python", "-c", "from importlib.metadata import version; print(version('micro-sam'))", silent=True).strip()
+    record("micro-sam", version, "registry-cache", "yes")
+
+
+def _checkout_session(session: nox.Session, tool: str, env_var: str, tests: str, requirements: list[str]) -> None:
+    src = os.environ.get(env_var)
+    if not src:
+        session.skip(f"set {env_var} to a checkout of {tool} (not on PyPI; clones need github access)")
+    commit = session.run("git", "-C", src, "rev-parse", "HEAD", silent=True, external=True).strip()
+    session.log(f"{tool} checkout {src} at {commit}")
+    run_integration(session, tool, requirements, tests, env={env_var: src})
+    record(tool, commit[:12], "see test output", "yes")
+
+
+@nox.session(tags=["integration", "samm"])
+def samm(session: nox.Session) -> None:
+    _checkout_session(
+        session, "samm", "MEDICO_SAMM_SRC", "integration/test_samm_real.py",
+        ["pyzmq", "opencv-python-headless", "matplotlib", "tqdm", "timm", "mobilesam-mirror"],
+    )
+
+
+@nox.session(tags=["integration", "slicer"])
+def slicer(session: nox.Session) -> None:
+    _checkout_session(session, "slicer-segment-with-sam", "MEDICO_SLICER_SWS_SRC", "integration/test_slicer_real.py", [])

@@ -1,0 +1,56 @@
+"""Small helpers shared by the adapter tests."""
+
+from __future__ import annotations
+
+import importlib
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import libcst as cst
+
+from medico_adapters.adapters.base import run_codemod
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def copy_fixture(rel: str, dest: Path) -> Path:
+    target = dest / Path(rel).name
+    shutil.copytree(FIXTURES / rel, target)
+    return target
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+
+
+def transformed(transform, before: str, **kwargs) -> str:
+    """Run a codemod on dedented source; the result must parse and compile."""
+    out = run_codemod(transform, textwrap.dedent(before).encode(), **kwargs).decode()
+    compile(cst.parse_module(out).code, "<transformed>", "exec")
+    return out
+
+
+def check_noop(transform, source: str, **kwargs) -> None:
+    source = textwrap.dedent(source)
+    assert transformed(transform, source, **kwargs) == source
+
+
+def check_transformed(transform, before: str, after: str, **kwargs) -> None:
+    out = transformed(transform, before, **kwargs)
+    assert out == textwrap.dedent(after)
+    # already patched: the transform finds its own result and leaves it alone
+    assert transformed(transform, out, **kwargs) == out
+
+
+def import_fresh(package_parent: Path, module: str):
+    top = module.split(".")[0]
+    for name in list(sys.modules):
+        if name == top or name.startswith(top + "."):
+            del sys.modules[name]
+    sys.path.insert(0, str(package_parent))
+    try:
+        return importlib.import_module(module)
+    finally:
+        sys.path.remove(str(package_parent))

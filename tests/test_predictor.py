@@ -1,0 +1,265 @@
+"""Predictor agreement with SamPredictor, the embedding cache, propagation and segment().
+
+A random ViT-B (fixed seed, random relative-position tables so the bias path matters) stands in
+for MedicoSAM: it checks that the faster code computes the same thing, not segmentation accuracy.
+Full-size embeddings cost seconds, so the models and embeddings are module-scoped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from medico_adapters.errors import CheckpointError, ImageError
+from medico_adapters.predictor import Embedding, Predictor
+from medico_adapters.segment import EmbeddingCache, VolumePredictor, propagate, segment
+
+IMAGE = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
+POINTS = np.array([[40.0, 30.0], [90.0, 60.0]])
+LABELS = np.array([1, 0])
+BOX = np.array([20.0, 10.0, 100.0, 80.0])
+
+
+@pytest.fixture(scope="module")
+def sam_and_path(tmp_path_factory):
+    from segment_anything import build_sam_vit_b
+
+    torch.manual_seed(0)
+    sam = build_sam_vit_b().eval()
+    with torch.no_grad():
+        for block in sam.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_(std=0.05)
+            block.attn.rel_pos_w.normal_(std=0.05)
+    path = tmp_path_factory.mktemp("ckpt") / "random_vit_b.pth"
+    torch.save(sam.state_dict(), path)
+    return sam, path
+
+
+@pytest.fixture(scope="module")
+def reference(sam_and_path):
+    from segment_anything import SamPredictor
+
+    ref = SamPredictor(sam_and_path[0])
+    ref.set_image(IMAGE)
+    return ref
+
+
+@pytest.fixture(scope="module")
+def exact(sam_and_path):
+    predictor = Predictor(sam_and_path[1], device="cpu")
+    predictor.set_image(IMAGE)
+    return predictor
+
+
+@pytest.mark.slow
+def test_exact_embedding_matches_sam_predictor(reference, exact):
+    ref = reference.get_image_embedding()
+    mine = exact.get_image_embedding()
+    assert mine.shape == ref.shape == (1, 256, 64, 64)
+    assert (mine - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        {"point_coords": POINTS, "point_labels": LABELS},
+        {"box": BOX},
+        {"point_coords": POINTS[:1], "point_labels": LABELS[:1], "box": BOX, "multimask_output": False},
+    ],
+)
+def test_masks_identical_to_sam_predictor(reference, exact, prompt):
+    ref_masks, ref_scores, ref_logits = reference.predict(**prompt)
+    masks, scores, logits = exact.predict(**prompt)
+    assert masks.shape == ref_masks.shape == (len(ref_scores), 96, 128)
+    np.testing.assert_array_equal(masks, ref_masks)
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4)
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-3)
+
+    mask_prompt = {"mask_input": ref_logits[:1], "box": BOX, "multimask_output": False}
+    np.testing.assert_array_equal(exact.predict(**mask_prompt)[0], reference.predict(**mask_prompt)[0])
+
+
+@pytest.mark.slow
+def test_set_embedding_reuses_features(exact, reference):
+    emb = exact.current_embedding()
+    other = Predictor.__new__(Predictor)
+    other.__dict__.update(exact.__dict__)
+    other.reset_image()
+    with pytest.raises(RuntimeError):
+        other.predict(box=BOX)
+    other.set_embedding(emb.features.numpy(), original_size=(96, 128))
+    np.testing.assert_array_equal(other.predict(box=BOX)[0], reference.predict(box=BOX)[0])
+
+
+def test_segment_anything_itself_is_not_patched(exact):
+    from segment_anything.modeling.image_encoder import Attention
+
+    assert "forward" in vars(exact.model.image_encoder.blocks[0].attn)
+    assert Attention.forward.__module__ == "segment_anything.modeling.image_encoder"
+
+
+@pytest.mark.slow
+def test_fast_mode_is_close(sam_and_path, reference):
+    fast = Predictor(sam_and_path[1], device="cpu", exact=False)
+    fast.set_image(IMAGE)
+    a = fast.get_image_embedding().flatten()
+    b = reference.get_image_embedding().flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() >= 0.999
+    assert fast.identity.endswith("-fast")
+
+
+def test_bad_image_inputs(exact):
+    with pytest.raises(ImageError, match="uint8"):
+        exact.embed(IMAGE.astype(np.float32))
+    with pytest.raises(ImageError, match="shape"):
+        exact.embed(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(ImageError, match="zero size"):
+        exact.embed(np.zeros((0, 4), np.uint8))
+
+
+def test_bad_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        Predictor(tmp_path / "missing.pth")
+
+
+# -- embedding cache and propagation with a stub model -----------------------------------------
+class _StubTransform:
+    target_length = 1024
+
+    @staticmethod
+    def get_preprocess_shape(h, w, long):
+        scale = long / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+class StubPredictor:
+    """Counts embeddings; a 'mask' is the slice's pixels above 128."""
+
+    transform = _StubTransform()
+
+    def __init__(self, identity="stub-1-exact"):
+        self.identity = identity
+        self.embedded = []
+        self._emb = None
+
+    def embed(self, image):
+        self.embedded.append(image.copy())
+        return Embedding(torch.full((1, 2, 2, 2), float(image.mean())), image.shape[:2], (1024, 1024))
+
+    def set_embedding(self, emb):
+        self._emb = emb
+
+    def predict(self, **_):
+        mean = float(self._emb.features[0, 0, 0, 0])
+        return np.ones((1, 4, 4), bool) * (mean > 0), np.array([0.9]), np.zeros((1, 256, 256), np.float32)
+
+
+def test_cache_hit_miss_and_invalidation(tmp_path):
+    volume = np.random.default_rng(3).integers(0, 255, size=(4, 4, 4)).astype(np.uint8)
+    norm = {"method": "window", "name": "lung"}
+    first = StubPredictor()
+    vp = VolumePredictor(first, volume, norm, cache_root=tmp_path)
+    vp.embed_slices([1, 2], progress=False)
+    assert vp.stats == {"computed": 2, "from_cache": 0}
+    assert len(first.embedded) == 2  # lazy: slices 0 and 3 were never embedded
+
+    again = VolumePredictor(StubPredictor(), volume, norm, cache_root=tmp_path)
+    again.embed_slices([1, 2, 3], progress=False)
+    assert again.stats == {"computed": 1, "from_cache": 2}
+    torch.testing.assert_close(again.embedding(1).features, vp.embedding(1).features)
+
+    other_weights = VolumePredictor(StubPredictor("stub-2-exact"), volume, norm, cache_root=tmp_path)
+    other_window = VolumePredictor(StubPredictor(), volume, {"method": "window", "name": "bone"}, cache_root=tmp_path)
+    fast = VolumePredictor(StubPredictor("stub-1-fast"), volume, norm, cache_root=tmp_path)
+    other_volume = VolumePredictor(StubPredictor(), volume[::-1].copy(), norm, cache_root=tmp_path)
+    for vp2 in (other_weights, other_window, fast, other_volume):
+        vp2.embedding(1)
+        assert vp2.stats == {"computed": 1, "from_cache": 0}
+    keys = {EmbeddingCache(tmp_path, {"volume": "v", "model": m, "normalisation": {}}).key for m in "ab"}
+    assert len(keys) == 2
+
+
+def _disk(n, centre, r):
+    yy, xx = np.mgrid[:n, :n]
+    return (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r * r
+
+
+def test_propagation_stops_on_iou_rule():
+    slices = {k: _disk(32, (16, 16), 8) for k in range(10)}
+    slices[7] = _disk(32, (16, 16 + 12), 8)  # shifted: IoU with slice 6 is small
+    slices[2] = np.zeros((32, 32), bool)  # vanished
+    calls = []
+
+    def step(k, prev, prev_logits):
+        calls.append(k)
+        assert prev.any()
+        return slices[k], None
+
+    mask, report = propagate(step, 10, 4, slices[4], progress=False)
+    assert report["slices"] == [3, 6]
+    assert "IoU" in report["up"] and "slice 7" in report["up"]
+    assert report["down"] == "mask vanished at slice 2"
+    assert [k for k in range(10) if mask[k].any()] == [3, 4, 5, 6]
+    assert sorted(calls) == [2, 3, 5, 6, 7]
+
+    _, loose = propagate(step, 10, 4, slices[4], iou_threshold=0.0, progress=False)
+    assert loose["up"] == "end of volume"
+    _, empty = propagate(step, 10, 4, np.zeros((32, 32), bool), progress=False)
+    assert empty["slices"] == [4, 4]
+
+
+# -- segment(): argument errors (cheap) and one real end-to-end run ----------------------------
+@pytest.fixture
+def ct_volume(tmp_path):
+    data = np.full((2, 48, 40), -800, np.int16)
+    data[:, 12:36, 10:30] = 60
+    image = sitk.GetImageFromArray(data)
+    image.SetSpacing((0.8, 0.8, 3.0))
+    image.SetOrigin((5.0, -4.0, 12.0))
+    path = tmp_path / "ct.nii.gz"
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def test_segment_argument_errors(ct_volume, tmp_path):
+    out = tmp_path / "m.nii.gz"
+    with pytest.raises(ImageError, match=r"--point \(0, 99, 5, 1\): outside"):
+        segment(ct_volume, out, points=[(0, 99, 5)], checkpoint=tmp_path / "x")
+    with pytest.raises(ImageError, match=r"--point \(5, 1, 1, 1\): outside"):
+        segment(ct_volume, out, points=[(5, 1, 1, 1)], checkpoint=tmp_path / "x")
+    with pytest.raises(ImageError, match="--box"):
+        segment(ct_volume, out, boxes=[(0, 1, 1, 60, 5)], checkpoint=tmp_path / "x")
+    with pytest.raises(ImageError, match="one slice"):
+        segment(ct_volume, out, points=[(0, 1, 1), (1, 2, 2)], checkpoint=tmp_path / "x")
+    with pytest.raises(ImageError, match="Z,Y,X"):
+        segment(ct_volume, out, points=[(1, 2)])
+    with pytest.raises(ImageError, match="--window"):
+        segment(ct_volume, out, points=[(0, 1, 2)], window="liver", checkpoint=tmp_path / "x")
+    with pytest.raises(CheckpointError, match="medico-adapters fetch vit_b_medical_imaging"):
+        segment(ct_volume, out, points=[(0, 20, 20)])
+    with pytest.raises(ImageError, match="no such file"):
+        segment(tmp_path / "absent.nii.gz", out, points=[(0, 1, 1)])
+
+
+@pytest.mark.slow
+def test_segment_end_to_end_with_cache(ct_volume, tmp_path, exact):
+    out = tmp_path / "mask.nii.gz"
+    png = tmp_path / "overlay.png"
+    kwargs = {"points": [(0, 24, 20, 1)], "window": "soft_tissue", "overlay": png, "predictor": exact, "progress": False}
+    first = segment(ct_volume, out, **kwargs)
+    assert first["normalisation"]["name"] == "soft_tissue"
+    assert first["slice"] == 0 and first["embeddings"]["computed"] >= 1
+    assert "propagation" in first and png.is_file()
+    written = sitk.ReadImage(str(out))
+    assert written.GetSize() == (40, 48, 2)
+    np.testing.assert_allclose(written.GetSpacing(), (0.8, 0.8, 3.0))
+    np.testing.assert_allclose(written.GetOrigin(), (5.0, -4.0, 12.0))
+    assert int(sitk.GetArrayFromImage(written).sum()) == first["voxels"]
+
+    second = segment(ct_volume, out, **kwargs)
+    assert second["embeddings"]["computed"] == 0
+    assert second["embeddings"]["from_cache"] == first["embeddings"]["computed"]
+    assert second["voxels"] == first["voxels"]
