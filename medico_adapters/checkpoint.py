@@ -125,7 +125,7 @@ def _torch_load(path: Path, trust: bool):
         reason = _short(e)
         if "central directory" in reason or "EOF" in reason or isinstance(e, EOFError):
             reason = "the file is truncated or damaged"
-        elif "data.pkl" in reason or "constants.pkl" in reason:
+        elif any(t in reason for t in ("data.pkl", "constants.pkl", "not in a subdirectory", "inline_container")):
             reason = "a zip archive that is not a PyTorch file"
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({reason})") from None
 

@@ -191,7 +191,7 @@ def cmd_install(args) -> int:
     from medico_adapters import install
 
     result = install.install(
-        args.tool, version=args.version, ref=args.ref, dest=args.dest, checkpoint=args.checkpoint,
+        args.tool, version=args.version, ref=args.ref, dest=args.dest, path=args.path, checkpoint=args.checkpoint,
         python=args.python, name=args.name, skip_verify=args.no_verify, options=_tool_options(args),
     )
     _emit(args, result, result["message"])

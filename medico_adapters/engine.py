@@ -184,7 +184,8 @@ class _Steps:
 
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
-    """Hold the tree's lock; a second run waits (up to $MEDICO_ADAPTERS_LOCK_TIMEOUT s, default 120)."""
+    """Hold an ``flock`` on the tree's state folder; a second run waits
+    (up to $MEDICO_ADAPTERS_LOCK_TIMEOUT seconds, default 120), then refuses."""
     import fcntl
 
     state = Path(root) / STATE_DIR
@@ -192,8 +193,7 @@ def locked(root: Path) -> Iterator[None]:
         state.mkdir(exist_ok=True)
     except OSError as e:
         raise PatchError(f"{state}: cannot create the kit's state folder ({e.strerror})") from None
-    lock_path = state / "lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(state, os.O_RDONLY)
     deadline = time.monotonic() + float(os.environ.get(LOCK_TIMEOUT_ENV, "120"))
     try:
         while True:
@@ -202,17 +202,17 @@ def locked(root: Path) -> Iterator[None]:
                 break
             except OSError as e:
                 if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise PatchError(f"{root}: another medico-adapters run holds {lock_path}") from None
+                    raise PatchError(f"{root}: another medico-adapters run is patching this tree") from None
                 time.sleep(0.05)
         yield
     finally:
-        # An unpatched tree keeps no state folder (removed while still locked).
-        if not any((state / name).exists() for name in (MANIFEST, JOURNAL, "backup")):
+        # A tree that ends unpatched keeps no state folder (removed while still locked).
+        if not (state / MANIFEST).exists() and not (state / JOURNAL).exists():
             shutil.rmtree(state, ignore_errors=True)
         os.close(fd)
 
 
-def _check_target(root: Path, rel: str) -> Path:
+def check_target(root: Path, rel: str) -> Path:
     path = root / rel
     real_root = root.resolve()
     real = path.resolve()
@@ -314,7 +314,7 @@ def commit_patch(plan: Plan, *, checkpoint_sha: Callable[[Path], str] = sha256_f
 
     files = dict(old.get("files", {}))
     for rel, new in sorted(plan.files.items()):
-        real = _check_target(root, rel)
+        real = check_target(root, rel)
         if rel not in files:
             backup = state / "backup" / rel
             stage.append((backup.with_name(backup.name + TMP_SUFFIX), plan.originals[rel]))
@@ -410,7 +410,7 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False, keep: dic
         backup = state / "backup" / rel
         if not backup.is_file():
             raise PatchError(f"{backup}: backup of a patched file is missing; cannot restore {rel}")
-        real = _check_target(root, rel)
+        real = check_target(root, rel)
         tmp = real.with_name(real.name + TMP_SUFFIX)
         stage.append((tmp, backup.read_bytes()))
         ops.append({"kind": "replace", "target": str(real), "tmp": str(tmp)})

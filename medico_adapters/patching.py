@@ -157,6 +157,8 @@ def plan_patch(
     files = transform_files(adapter, tree, layout, entries, merged_options)
     current = {rel: tree.current(rel) for rel in layout.files}
     changed = {rel: data for rel, data in files.items() if data != current[rel]}
+    for rel in changed:
+        engine.check_target(root, rel)
     originals = {rel: tree.original(rel) for rel in layout.files}
     plan = Plan(
         tool=adapter.tool,
@@ -174,20 +176,30 @@ def plan_patch(
     return plan, tree, layout
 
 
-def _drop_unchanged_placements(plan: Plan, manifest: dict) -> None:
-    """Re-placing an identical checkpoint is not a change: compare before committing."""
-    kept = []
-    for placement in plan.placements:
-        record = manifest.get("checkpoints", {}).get(str(placement.target))
-        if record and placement.target.is_file() and engine.sha256_file(placement.target) == record.get("sha256"):
+def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
+    """Export every checkpoint before touching the tree, so a bad file fails first and alone.
+
+    Re-placing an identical checkpoint is not a change: such placements are dropped. Returns
+    the temporary files, which the commit moves into place (the caller removes any left over).
+    """
+    kept, temps = [], []
+    try:
+        for placement in plan.placements:
             tmp = placement.write(placement.target.parent)
-            same = engine.sha256_file(tmp) == record["sha256"]
-            if same:
+            temps.append(tmp)
+            record = manifest.get("checkpoints", {}).get(str(placement.target))
+            if record and placement.target.is_file() and engine.sha256_file(placement.target) == record.get("sha256") \
+                    and engine.sha256_file(tmp) == record["sha256"]:
                 tmp.unlink()
                 continue
             placement.write = lambda folder, tmp=tmp: tmp
-        kept.append(placement)
+            kept.append(placement)
+    except BaseException:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+        raise
     plan.placements = kept
+    return temps
 
 
 def patch(
@@ -208,10 +220,14 @@ def patch(
         with engine.locked(root):
             recovered = engine.recover(root)
             plan, tree, layout = plan_patch(adapter, root, checkpoint=checkpoint, name=name, options=options, trust=trust)
-            engine.discard_stale_tmps([tree.path(rel) for rel in tree_files(tree, layout)])
-            _drop_unchanged_placements(plan, tree.manifest or {})
-            if not plan.empty:
-                engine.commit_patch(plan)
+            engine.discard_stale_tmps([tree.path(rel) for rel in layout.files])
+            temps = _materialize_placements(plan, tree.manifest or {})
+            try:
+                if not plan.empty:
+                    engine.commit_patch(plan)
+            finally:
+                for tmp in temps:
+                    tmp.unlink(missing_ok=True)
     return PatchResult(
         tool=adapter.tool,
         root=root,
@@ -223,10 +239,6 @@ def patch(
         dry_run=dry_run,
         recovered=recovered,
     )
-
-
-def tree_files(tree: Tree, layout: Layout) -> list[str]:
-    return list(layout.files)
 
 
 def unpatch(adapter: Adapter, path: str | os.PathLike | None = None, *, name: str | None = None, force: bool = False) -> dict:

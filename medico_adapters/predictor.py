@@ -63,13 +63,22 @@ def _split_qkv(attn: torch.nn.Module, x: torch.Tensor):
     return qkv.unbind(0)  # each B x heads x N x C
 
 
-def _bias(q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Decomposed rel-pos bias (B x heads x N x N) for queries ``q`` (B x heads x N x C)."""
+def _bias(
+    q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, h: int, w: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Decomposed rel-pos bias (B x heads x N x N) for queries ``q`` (B x heads x N x C).
+
+    ``out`` lets the global blocks reuse one buffer for all heads: a fresh 64 MiB tensor per
+    head costs more in page faults than the addition itself.
+    """
     lead = q.shape[:-2]
     r_q = q.reshape(*lead, h, w, q.shape[-1])
     rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, rh)
     rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, rw)
-    return (rel_h[..., :, None] + rel_w[..., None, :]).reshape(*lead, h * w, h * w)
+    if out is None:
+        out = torch.empty((*lead, h, w, h, w), dtype=q.dtype, device=q.device)
+    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out.view(*lead, h, w, h, w))
+    return out.view(*lead, h * w, h * w)
 
 
 def _sdpa_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,11 +98,12 @@ def _sdpa_forward(self, x: torch.Tensor) -> torch.Tensor:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=_bias(q, rh, rw, h, w))
         else:
             out = torch.empty_like(q)
+            mask = torch.empty((b, 1, h * w, h * w), dtype=q.dtype, device=q.device)
             for head in range(q.shape[1]):
                 sl = slice(head, head + 1)
-                mask = _bias(q[:, sl], rh, rw, h, w)
+                _bias(q[:, sl], rh, rw, h, w, out=mask)
                 out[:, sl] = F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], attn_mask=mask)
-                del mask
+            del mask
     out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
     return self.proj(out)
 

@@ -226,9 +226,9 @@ def ct_volume(tmp_path):
 
 def test_segment_argument_errors(ct_volume, tmp_path):
     out = tmp_path / "m.nii.gz"
-    with pytest.raises(ImageError, match=r"--point \(0, 99, 5, 1\): outside"):
+    with pytest.raises(ImageError, match=r"--point \(0, 99, 5\): outside"):
         segment(ct_volume, out, points=[(0, 99, 5)], checkpoint=tmp_path / "x")
-    with pytest.raises(ImageError, match=r"--point \(5, 1, 1, 1\): outside"):
+    with pytest.raises(ImageError, match=r"--point \(5, 1, 1\): outside"):
         segment(ct_volume, out, points=[(5, 1, 1, 1)], checkpoint=tmp_path / "x")
     with pytest.raises(ImageError, match="--box"):
         segment(ct_volume, out, boxes=[(0, 1, 1, 60, 5)], checkpoint=tmp_path / "x")

@@ -1,0 +1,149 @@
+"""Measure the predictor against plain ``segment_anything.SamPredictor`` in one run.
+
+Prints: exact-mode embedding speedup and max abs diff, fast-mode speedup and cosine similarity,
+predict-with-cached-embedding speedup, peak RSS of one embedding (each in a fresh subprocess,
+via ``resource.getrusage``), and the speedup of re-running ``segment`` when the embedding cache
+is warm. Weights are random (fixed seed): this measures speed and agreement, not accuracy.
+
+    python benchmarks/bench_predictor.py [--repeats 2] [--size 512]
+
+Timings interleave the contenders and keep the best of ``--repeats`` runs, because a shared
+CPU is noisy; compare figures only within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _random_checkpoint(folder: Path) -> Path:
+    from segment_anything import build_sam_vit_b
+
+    torch.manual_seed(0)
+    sam = build_sam_vit_b().eval()
+    with torch.no_grad():
+        for block in sam.image_encoder.blocks:
+            block.attn.rel_pos_h.normal_(std=0.05)
+            block.attn.rel_pos_w.normal_(std=0.05)
+    path = folder / "random_vit_b.pth"
+    torch.save(sam.state_dict(), path)
+    return path
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _rss_child(kind: str, ckpt: str, size: int) -> None:
+    """Load a model, embed one image, print peak RSS in MiB (run in a fresh process)."""
+    image = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+    if kind == "reference":
+        from segment_anything import SamPredictor, build_sam_vit_b
+
+        predictor = SamPredictor(build_sam_vit_b(checkpoint=ckpt).eval())
+    else:
+        from medico_adapters.predictor import Predictor
+
+        predictor = Predictor(ckpt, device="cpu", exact=(kind == "exact"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    predictor.set_image(image)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"{peak:.0f} {before:.0f}")
+
+
+def _rss(kind: str, ckpt: Path, size: int) -> tuple[float, float]:
+    out = subprocess.run(
+        [sys.executable, __file__, "--rss-child", kind, str(ckpt), "--size", str(size)],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    return float(out[-2]), float(out[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--rss-child", nargs=2, metavar=("KIND", "CKPT"))
+    args = parser.parse_args()
+    if args.rss_child:
+        _rss_child(args.rss_child[0], args.rss_child[1], args.size)
+        return
+
+    from segment_anything import SamPredictor, build_sam_vit_b
+
+    from medico_adapters.predictor import Predictor
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, image {args.size}x{args.size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        ckpt = _random_checkpoint(tmp)
+        image = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype(np.uint8)
+        reference = SamPredictor(build_sam_vit_b(checkpoint=str(ckpt)).eval())
+        exact = Predictor(ckpt, device="cpu")
+        fast = Predictor(ckpt, device="cpu", exact=False)
+
+        times = {"reference": [], "exact": [], "fast": []}
+        for _ in range(args.repeats):
+            times["reference"].append(_timed(lambda: reference.set_image(image)))
+            times["exact"].append(_timed(lambda: exact.set_image(image)))
+            times["fast"].append(_timed(lambda: fast.set_image(image)))
+        best = {k: min(v) for k, v in times.items()}
+        ref_emb = reference.get_image_embedding()
+        diff = (exact.get_image_embedding() - ref_emb).abs().max().item()
+        cos = torch.nn.functional.cosine_similarity(fast.get_image_embedding().flatten(), ref_emb.flatten(), dim=0).item()
+        print(f"set_image  reference {best['reference']:.2f} s (runs {', '.join(f'{t:.1f}' for t in times['reference'])})")
+        print(f"set_image  exact     {best['exact']:.2f} s  speedup {best['reference'] / best['exact']:.2f}x  max|diff| {diff:.2e}")
+        print(f"set_image  fast      {best['fast']:.2f} s  speedup {best['reference'] / best['fast']:.2f}x  cosine {cos:.5f}")
+
+        points, labels = np.array([[200.0, 150.0]]), np.array([1])
+        pred = {"reference": [], "exact": []}
+        for _ in range(3):
+            reference.predict(points, labels)
+            exact.predict(points, labels)
+        for _ in range(15):
+            pred["reference"].append(_timed(lambda: reference.predict(points, labels)))
+            pred["exact"].append(_timed(lambda: exact.predict(points, labels)))
+        med = {k: float(np.median(v)) * 1000 for k, v in pred.items()}
+        print(f"predict    reference {med['reference']:.1f} ms, ours {med['exact']:.1f} ms  speedup {med['reference'] / med['exact']:.2f}x (median of 15)")
+        del reference, exact, fast
+
+        for kind in ("reference", "exact", "fast"):
+            peak, before = _rss(kind, ckpt, args.size)
+            print(f"peak RSS   {kind:<9} {peak:.0f} MiB (model loaded: {before:.0f} MiB)")
+
+        _segment_rerun(tmp, ckpt)
+
+
+def _segment_rerun(tmp: Path, ckpt: Path) -> None:
+    import SimpleITK as sitk
+
+    from medico_adapters.segment import segment
+
+    os.environ["MEDICO_ADAPTERS_CACHE"] = str(tmp / "cache")
+    grey = (np.random.default_rng(1).random((256, 256)) * 255).astype(np.uint8)
+    src = tmp / "slice.png"
+    sitk.WriteImage(sitk.GetImageFromArray(grey), str(src))
+    kwargs = {"points": [(128, 128, 1)], "checkpoint": ckpt, "device": "cpu", "progress": False}
+    cold = _timed(lambda: segment(src, tmp / "mask1.png", **kwargs))
+    warm_report = {}
+    warm = _timed(lambda: warm_report.update(segment(src, tmp / "mask2.png", **kwargs)))
+    print(
+        f"segment    cold {cold:.2f} s, re-run with cache {warm:.2f} s  speedup {cold / warm:.2f}x "
+        f"(embeddings from cache: {warm_report['embeddings']['from_cache']}; both include model loading)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""``install``: get the tool (pip, or a pinned git clone), patch it, and check it loads MedicoSAM."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from medico_adapters import patching
+from medico_adapters.adapters import get_adapter
+from medico_adapters.adapters import micro_sam as micro_sam_adapter
+from medico_adapters.errors import MedicoError, PatchError
+
+#: commits the kit is tested on (newest first); the first is the default ``--ref``.
+GIT_TOOLS = {
+    "samm": {
+        "url": "https://github.com/bingogome/samm",
+        "refs": {
+            "ee627cd5ad43d65d57182a7a1ae0fca3e51a79fd": "S4, 2024-03-30 (newest legacy layout)",
+            "82b46c03b60ee75522bcb73c1c1a60a193b6bc15": "S4, 2023-08-09",
+            "9e7533268c2990e9ec1cc7101643de8a6d5b8d84": "S3, 2023-08-08",
+            "34e8a63ab659e0fa8c0c5cf9da71f90086e3d74e": "S2, 2023-08-07",
+        },
+    },
+    "slicer-segment-with-sam": {
+        "url": "https://github.com/mazurowski-lab/SlicerSegmentWithSAM",
+        "refs": {
+            "0d3c0a13d073254312f2c972ef196673c04c14fa": "W2, 2024-09-23",
+            "bfc2e7e5bccf32d63c68bfa988c31a15982eda9e": "W2, 2024-09-23",
+            "d962ed03d849a88b81f05dd52e0dfb24516f843e": "W1, 2024-01-30",
+        },
+    },
+}
+GOOD_NAPARI = "0.5.6"
+
+_VERIFY_NAPARI = textwrap.dedent(
+    """
+    import importlib, json, os, sys
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import torch
+    pkg, name = sys.argv[1], sys.argv[2]
+    w = importlib.import_module(pkg + "._widget")
+    if hasattr(w, "SAM_MODELS"):
+        path = w.SamWidget.get_weights_path(None, name)
+        model = w.SAM_MODELS[name]["model"](path)
+    else:
+        getter = getattr(w.SamWidget, "get_weights_path", None)
+        path = getter(None, name) if getter else importlib.import_module(pkg + ".utils").get_weights_path(name)
+        model = w.sam_model_registry[name](path)
+    expected = torch.load(path, weights_only=True)
+    same = all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
+    print(json.dumps({"checkpoint": str(path), "weights_match": same}))
+    sys.exit(0 if same else 1)
+    """
+)
+
+_VERIFY_MICRO_SAM = textwrap.dedent(
+    """
+    import json, sys
+    from micro_sam.util import get_sam_model
+    predictor = get_sam_model(model_type="vit_b", checkpoint_path=sys.argv[1], device="cpu")
+    print(json.dumps({"checkpoint": sys.argv[1], "loaded": type(predictor).__name__}))
+    """
+)
+
+
+def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
+    try:
+        proc = subprocess.run(cmd, **kwargs)
+    except FileNotFoundError:
+        raise MedicoError(f"{cmd[0]}: not found (needed to {what})") from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or "").strip().splitlines()[-1:] if isinstance(proc.stderr, str) else []
+        raise MedicoError(f"{what} failed (exit {proc.returncode}){': ' + tail[0] if tail else ''}")
+    return proc
+
+
+def _probe(python: str, code: str) -> str:
+    return _run([python, "-c", code], "inspect the target Python", capture_output=True, text=True).stdout.strip()
+
+
+def _napari_version(python: str) -> tuple[int, ...] | None:
+    out = _probe(python, "import importlib.metadata as m\ntry: print(m.version('napari'))\nexcept Exception: print('')")
+    return tuple(int(p) for p in out.split(".")[:3] if p.isdigit()) if out else None
+
+
+def _pip(python: str, requirements: list[str]) -> None:
+    print(f"installing {' '.join(requirements)} into {python}", flush=True)
+    _run([python, "-m", "pip", "install", *requirements], f"pip install {' '.join(requirements)}")
+
+
+def _package_dir(python: str, packages: tuple[str, ...]) -> Path:
+    code = (
+        "import importlib.util\n"
+        f"for p in {packages!r}:\n"
+        "    s = importlib.util.find_spec(p)\n"
+        "    if s and s.submodule_search_locations:\n"
+        "        print(list(s.submodule_search_locations)[0]); break\n"
+    )
+    out = _probe(python, code)
+    if not out:
+        raise PatchError(f"{python}: cannot find the installed {packages[0]} package after installing it")
+    return Path(out)
+
+
+def _install_napari_sam(args: dict) -> dict:
+    from medico_adapters.adapters.napari_sam import PACKAGES
+
+    python = args["python"] or sys.executable
+    requirements = [f"napari-sam=={args['version']}" if args["version"] else "napari-sam"]
+    napari = _napari_version(python)
+    compat = args["options"].get("napari_compat") or (napari is not None and napari >= (0, 6, 2))
+    if napari is None:
+        requirements += [f"napari=={GOOD_NAPARI}", "pyqt5"]
+    _pip(python, requirements)
+    root = args["path"] or _package_dir(python, PACKAGES)
+    options = {**args["options"], "napari_compat": bool(compat)}
+    result = patching.patch(get_adapter("napari-sam"), root, checkpoint=args["checkpoint"], name=args["name"], options=options)
+    report = result.as_dict()
+    entry = args["name"] or "MedicoSAM"
+    if not args["skip_verify"]:
+        package = root.name if root.name in PACKAGES else PACKAGES[0]
+        proc = _run([python, "-c", _VERIFY_NAPARI, package, entry], "load the model through napari-sam's code",
+                    capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root.parent)})
+        report["verified"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["message"] = (
+        f"napari-sam installed and patched at {root} (layout {result.layout}"
+        + (", napari>=0.6.2 compat" if compat else "")
+        + f"); select {entry!r} in the widget's model list"
+        + ("; verified: napari-sam's own loader built it from the placed checkpoint" if "verified" in report else "")
+    )
+    return report
+
+
+def _install_micro_sam(args: dict) -> dict:
+    python = args["python"] or sys.executable
+    _pip(python, [f"micro-sam=={args['version']}" if args["version"] else "micro-sam"])
+    report = micro_sam_adapter.patch(args["checkpoint"])
+    source = args["checkpoint"] or (report["placed"][0] if report["placed"] else None)
+    if source and not args["skip_verify"]:
+        proc = _run([python, "-c", _VERIFY_MICRO_SAM, str(source)], "load the model through micro-sam", capture_output=True, text=True)
+        report["verified"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report
+
+
+def _install_git_tool(tool: str, args: dict) -> dict:
+    spec = GIT_TOOLS[tool]
+    root = Path(args["path"]) if args["path"] else None
+    note = ""
+    if root is None:
+        ref = args["ref"] or next(iter(spec["refs"]))
+        if ref not in spec["refs"]:
+            note = f" (commit {ref} is not among the tested ones: {', '.join(r[:12] for r in spec['refs'])})"
+        root = Path(args["dest"] or spec["url"].rsplit("/", 1)[1])
+        if root.exists():
+            raise PatchError(f"{root}: already exists; pass --path {root} to patch it, or another --dest")
+        _run(["git", "clone", spec["url"], str(root)], f"git clone {spec['url']}")
+        _run(["git", "-C", str(root), "checkout", "-q", ref], f"git checkout {ref}")
+    result = patching.patch(get_adapter(tool), root, checkpoint=args["checkpoint"], name=args["name"], options=args["options"])
+    report = result.as_dict()
+    report["message"] = f"{tool} at {root} patched (layout {result.layout}){note}"
+    return report
+
+
+def install(tool: str, *, version=None, ref=None, dest=None, path=None, checkpoint=None, python=None,
+            name=None, skip_verify=False, options=None) -> dict:
+    args = {"version": version, "ref": ref, "dest": dest, "path": Path(path) if path else None, "checkpoint": checkpoint,
+            "python": python, "name": name, "skip_verify": skip_verify, "options": options or {}}
+    if tool == "napari-sam":
+        return _install_napari_sam(args)
+    if tool == "micro-sam":
+        return _install_micro_sam(args)
+    if tool in GIT_TOOLS:
+        if version:
+            raise MedicoError(f"{tool} is not on PyPI: use --ref COMMIT instead of --version")
+        return _install_git_tool(tool, args)
+    get_adapter(tool)  # raises the unknown-tool error
+    raise MedicoError(f"install does not support {tool!r}")
