@@ -254,10 +254,13 @@ def require_loadable(ckpt: Checkpoint, expect_arch: str | None = None) -> None:
         raise CheckpointError(f"{info.path}: the weights are {info.arch}, but {expect_arch} was asked for")
 
 
-def _atomic_save(obj, out: Path) -> Path:
-    """Save to a temporary file beside ``out``; return it (the caller renames it into place)."""
+def _atomic_save(obj, out: Path, tmp: Path | None = None) -> Path:
+    """Save to a temporary file beside ``out`` (or at ``tmp``); return it for the caller to rename."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    if tmp is None:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    else:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -308,6 +311,6 @@ def export_checkpoint(
     return ckpt.info
 
 
-def write_plain(ckpt: Checkpoint, out: Path) -> Path:
-    """Save the plain state dict to a temporary file beside ``out`` and return that file."""
-    return _atomic_save(plain_state_dict(ckpt), out)
+def write_plain(ckpt: Checkpoint, out: Path, tmp: Path | None = None) -> Path:
+    """Save the plain state dict to a temporary file beside ``out`` (or ``tmp``) and return it."""
+    return _atomic_save(plain_state_dict(ckpt), out, tmp)

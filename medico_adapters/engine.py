@@ -32,6 +32,7 @@ from medico_adapters.errors import PatchError
 STATE_DIR = ".medico-adapters"
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
+STAGING = "staging.json"
 TMP_SUFFIX = ".medico-adapters.tmp"
 ORIG_SUFFIX = ".medico-adapters.orig"
 LOCK_TIMEOUT_ENV = "MEDICO_ADAPTERS_LOCK_TIMEOUT"
@@ -229,19 +230,42 @@ def check_target(root: Path, rel: str) -> Path:
 
 
 def recover(root: Path) -> str | None:
-    """Finish a commit that was interrupted; returns what was done (None if nothing was pending)."""
+    """Finish a commit that was interrupted; returns what was done (None if nothing was pending).
+
+    With a journal every staged file is complete, so the commit is rolled forward. Without one
+    the run died while staging: its temporary files (listed in ``staging.json``) are removed.
+    """
     state = Path(root) / STATE_DIR
     journal_path = state / JOURNAL
     if not journal_path.exists():
+        staging = state / STAGING
+        if staging.exists():
+            for tmp in _read_json(staging, default=[]):
+                Path(tmp).unlink(missing_ok=True)
+            staging.unlink()
         return None
-    try:
-        journal = json.loads(journal_path.read_text("utf-8"))
-    except ValueError:
-        raise PatchError(f"{journal_path}: damaged journal; inspect the tree by hand") from None
+    journal = _read_json(journal_path, default=None)
+    if journal is None:
+        raise PatchError(f"{journal_path}: damaged journal; inspect the tree by hand")
     _roll_forward(journal, _Steps())
     journal_path.unlink()
+    (state / STAGING).unlink(missing_ok=True)
     _fsync_dir(state)
     return journal.get("action", "commit")
+
+
+def _read_json(path: Path, default):
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (ValueError, OSError):
+        return default
+
+
+def record_staging(root: Path, paths: list[Path]) -> None:
+    """Note temporary files before creating them, so a killed run's leftovers can be removed."""
+    staging = Path(root) / STATE_DIR / STAGING
+    known = _read_json(staging, default=[]) if staging.exists() else []
+    _atomic_write(staging, json.dumps(sorted(set(known) | {str(p) for p in paths})).encode())
 
 
 def _roll_forward(journal: dict, step: _Steps) -> None:
@@ -271,34 +295,17 @@ def _roll_forward(journal: dict, step: _Steps) -> None:
                 step()
 
 
-def _commit(root: Path, action: str, stage: list[tuple[Path, bytes | Callable[[Path], Path] | None]],
-            ops: list[dict], step: _Steps) -> None:
+def _commit(root: Path, action: str, stage: list, ops: list[dict], step: _Steps) -> None:
     """Stage every new file, write the journal, then apply ``ops`` in order."""
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
-    staged: list[Path] = []
-    try:
-        for tmp, payload in stage:
-            tmp.parent.mkdir(parents=True, exist_ok=True)
-            if callable(payload):
-                written = payload(tmp.parent)
-                os.replace(written, tmp)
-            else:
-                with open(tmp, "wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
-            staged.append(tmp)
-            step()
-    except BaseException:
-        for tmp in staged:
-            tmp.unlink(missing_ok=True)
-        raise
+    _stage_only(root, stage, step)
     _atomic_write(state / JOURNAL, json.dumps({"action": action, "ops": ops}, indent=1).encode())
     _fsync_dir(state)
     step()
     _roll_forward({"ops": ops}, step)
     (state / JOURNAL).unlink()
+    (state / STAGING).unlink(missing_ok=True)
     _fsync_dir(state)
     step()
 
@@ -363,7 +370,7 @@ def commit_patch(plan: Plan, *, checkpoint_sha: Callable[[Path], str] = sha256_f
         return json.dumps(data, indent=2, sort_keys=True).encode()
 
     # Checkpoint hashes are known only once written, so the manifest is staged last.
-    _stage_only(stage, step)
+    _stage_only(root, stage, step)
     for placement in plan.placements:
         tmp = placement.target.with_name(placement.target.name + TMP_SUFFIX)
         checkpoints[str(placement.target)]["sha256"] = checkpoint_sha(tmp)
@@ -373,13 +380,17 @@ def commit_patch(plan: Plan, *, checkpoint_sha: Callable[[Path], str] = sha256_f
     return manifest
 
 
-def _stage_only(stage: list, step: _Steps) -> None:
+def _stage_only(root: Path, stage: list, step: _Steps) -> None:
+    record_staging(root, [tmp for tmp, _ in stage])
     done: list[Path] = []
     try:
         for tmp, payload in stage:
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            if callable(payload):
-                os.replace(payload(tmp.parent), tmp)
+            if payload is None:  # written to its staging path already
+                if not tmp.is_file():
+                    raise PatchError(f"{tmp}: staged file vanished before the commit")
+            elif callable(payload):
+                payload(tmp)
             else:
                 with open(tmp, "wb") as f:
                     f.write(payload)

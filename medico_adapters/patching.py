@@ -91,9 +91,9 @@ def _source_checkpoint(checkpoint: str | os.PathLike | None, entry: Entry, trust
 def _writer(loaded: ckpt_mod.Checkpoint | None, checkpoint, entry: Entry, target: Path, trust: bool):
     """Export lazily: a dry run never reads (or downloads) the checkpoint."""
 
-    def write(folder: Path) -> Path:
+    def write(tmp: Path) -> Path:
         source = loaded or _source_checkpoint(checkpoint, entry, trust)
-        return ckpt_mod.write_plain(source, target)
+        return ckpt_mod.write_plain(source, target, tmp)
 
     return write
 
@@ -185,14 +185,16 @@ def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
     kept, temps = [], []
     try:
         for placement in plan.placements:
-            tmp = placement.write(placement.target.parent)
+            tmp = placement.target.with_name(placement.target.name + engine.TMP_SUFFIX)
+            engine.record_staging(plan.root, [tmp])
+            placement.write(tmp)
             temps.append(tmp)
             record = manifest.get("checkpoints", {}).get(str(placement.target))
             if record and placement.target.is_file() and engine.sha256_file(placement.target) == record.get("sha256") \
                     and engine.sha256_file(tmp) == record["sha256"]:
                 tmp.unlink()
                 continue
-            placement.write = lambda folder, tmp=tmp: tmp
+            placement.write = None  # already at its staging path
             kept.append(placement)
     except BaseException:
         for tmp in temps:
