@@ -71,6 +71,34 @@ def _rss(kind: str, ckpt: Path, size: int) -> tuple[float, float]:
     return float(out[-2]), float(out[-1])
 
 
+def _embedding_figures(reference, exact, fast, image, repeats: int) -> None:
+    times = {"reference": [], "exact": [], "fast": []}
+    for _ in range(repeats):
+        times["reference"].append(_timed(lambda: reference.set_image(image)))
+        times["exact"].append(_timed(lambda: exact.set_image(image)))
+        times["fast"].append(_timed(lambda: fast.set_image(image)))
+    best = {k: min(v) for k, v in times.items()}
+    ref_emb = reference.get_image_embedding()
+    diff = (exact.get_image_embedding() - ref_emb).abs().max().item()
+    cos = torch.nn.functional.cosine_similarity(fast.get_image_embedding().flatten(), ref_emb.flatten(), dim=0).item()
+    print(f"set_image  reference {best['reference']:.2f} s (runs {', '.join(f'{t:.1f}' for t in times['reference'])})")
+    print(f"set_image  exact     {best['exact']:.2f} s  speedup {best['reference'] / best['exact']:.2f}x  max|diff| {diff:.2e}")
+    print(f"set_image  fast      {best['fast']:.2f} s  speedup {best['reference'] / best['fast']:.2f}x  cosine {cos:.5f}")
+
+
+def _predict_figures(reference, exact) -> None:
+    points, labels = np.array([[200.0, 150.0]]), np.array([1])
+    pred = {"reference": [], "exact": []}
+    for _ in range(3):
+        reference.predict(points, labels)
+        exact.predict(points, labels)
+    for _ in range(15):
+        pred["reference"].append(_timed(lambda: reference.predict(points, labels)))
+        pred["exact"].append(_timed(lambda: exact.predict(points, labels)))
+    med = {k: float(np.median(v)) * 1000 for k, v in pred.items()}
+    print(f"predict    reference {med['reference']:.1f} ms, ours {med['exact']:.1f} ms  speedup {med['reference'] / med['exact']:.2f}x (median of 15)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2)
@@ -94,29 +122,8 @@ def main() -> None:
         exact = Predictor(ckpt, device="cpu")
         fast = Predictor(ckpt, device="cpu", exact=False)
 
-        times = {"reference": [], "exact": [], "fast": []}
-        for _ in range(args.repeats):
-            times["reference"].append(_timed(lambda: reference.set_image(image)))
-            times["exact"].append(_timed(lambda: exact.set_image(image)))
-            times["fast"].append(_timed(lambda: fast.set_image(image)))
-        best = {k: min(v) for k, v in times.items()}
-        ref_emb = reference.get_image_embedding()
-        diff = (exact.get_image_embedding() - ref_emb).abs().max().item()
-        cos = torch.nn.functional.cosine_similarity(fast.get_image_embedding().flatten(), ref_emb.flatten(), dim=0).item()
-        print(f"set_image  reference {best['reference']:.2f} s (runs {', '.join(f'{t:.1f}' for t in times['reference'])})")
-        print(f"set_image  exact     {best['exact']:.2f} s  speedup {best['reference'] / best['exact']:.2f}x  max|diff| {diff:.2e}")
-        print(f"set_image  fast      {best['fast']:.2f} s  speedup {best['reference'] / best['fast']:.2f}x  cosine {cos:.5f}")
-
-        points, labels = np.array([[200.0, 150.0]]), np.array([1])
-        pred = {"reference": [], "exact": []}
-        for _ in range(3):
-            reference.predict(points, labels)
-            exact.predict(points, labels)
-        for _ in range(15):
-            pred["reference"].append(_timed(lambda: reference.predict(points, labels)))
-            pred["exact"].append(_timed(lambda: exact.predict(points, labels)))
-        med = {k: float(np.median(v)) * 1000 for k, v in pred.items()}
-        print(f"predict    reference {med['reference']:.1f} ms, ours {med['exact']:.1f} ms  speedup {med['reference'] / med['exact']:.2f}x (median of 15)")
+        _embedding_figures(reference, exact, fast, image, args.repeats)
+        _predict_figures(reference, exact)
         del reference, exact, fast
 
         for kind in ("reference", "exact", "fast"):

@@ -144,7 +144,7 @@ def checkpoint_identity(state_dict: dict[str, torch.Tensor]) -> str:
         tensor = state_dict[key].detach().contiguous().cpu()
         digest.update(key.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

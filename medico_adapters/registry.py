@@ -84,6 +84,8 @@ def cached_path(name: str) -> Path | None:
 def fetch(name: str, *, progress: bool = True) -> Path:
     """Return the cached file for ``name``, downloading and verifying it first if needed."""
     name = canonical(name)
+    # pooch logs "Downloading ..." to stderr; the progress bar says it, and a failure is one line.
+    pooch.get_logger().setLevel("WARNING")
     try:
         return Path(_pooch().fetch(name, progressbar=progress))
     except ValueError as e:  # pooch's hash mismatch; it has already removed the download

@@ -263,3 +263,19 @@ def test_segment_end_to_end_with_cache(ct_volume, tmp_path, exact):
     assert second["embeddings"]["computed"] == 0
     assert second["embeddings"]["from_cache"] == first["embeddings"]["computed"]
     assert second["voxels"] == first["voxels"]
+
+
+@pytest.mark.slow
+def test_segment_auto_2d_writes_labels(tmp_path, exact):
+    grey = np.zeros((64, 64), np.uint8)
+    grey[16:48, 20:44] = 200
+    src = tmp_path / "img.png"
+    sitk.WriteImage(sitk.GetImageFromArray(grey), str(src))
+    out, png = tmp_path / "labels.png", tmp_path / "auto_overlay.png"
+    report = segment(src, out, auto=True, overlay=png, predictor=exact, points_per_side=4, progress=False)
+    assert report["mode"] == "auto" and report["slice"] == 0
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert labels.shape == (64, 64) and int(labels.max()) == report["objects"]
+    assert png.is_file()
+    with pytest.raises(ImageError, match="--auto"):
+        segment(src, out, auto=True, points=[(1, 1)], predictor=exact)
