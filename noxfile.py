@@ -133,3 +133,9 @@ def samm(session: nox.Session) -> None:
 @nox.session(tags=["integration", "slicer"])
 def slicer(session: nox.Session) -> None:
     _checkout_session(session, "slicer-segment-with-sam", "MEDICO_SLICER_SWS_SRC", "integration/test_slicer_real.py", [])
+
+
+@nox.session(tags=["napari-sam-all"])
+def napari_sam_all_releases(session: nox.Session) -> None:
+    """Every napari-sam release from PyPI: patch, re-patch, unpatch (about 15 minutes on 2 cores)."""
+    run_integration(session, "napari-sam", [], "integration/test_napari_all_releases.py")

@@ -206,6 +206,18 @@ def cmd_segment(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from medico_adapters import demo
+
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    report = demo.run(
+        args.out, screenshot=args.screenshot, checkpoint=args.checkpoint,
+        napari_sam_version=args.napari_sam_version, target=args.target, keep_temp=args.keep_temp, say=say,
+    )
+    _emit(args, report, demo.summary(report))
+    return 0
+
+
 # --- parser ------------------------------------------------------------------------------------
 
 EXAMPLES = {
@@ -218,6 +230,7 @@ EXAMPLES = {
     "status": "medico-adapters status napari-sam --json",
     "install": "medico-adapters install napari-sam --version 0.4.13",
     "segment": "medico-adapters segment ct.nii.gz -o mask.nii.gz --point 40,256,256 --window soft_tissue",
+    "demo": "medico-adapters demo --out medico-demo --screenshot medico-demo/widget.png",
 }
 
 
@@ -324,6 +337,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-propagate", action="store_true", help="3D: segment only the prompted slice")
     p.add_argument("--json", action="store_true")
     _add_trust(p)
+
+    p = _sub(subs, "demo", "Run napari-sam's real widget headless on a CT phantom with MedicoSAM (a patched temporary copy).", cmd_demo)
+    p.add_argument("--out", default="medico-demo", metavar="DIR", help="where overlay.png, report.md and report.json go (default ./medico-demo)")
+    p.add_argument("--screenshot", metavar="PATH", help="also save a PNG of the widget and its model list (offscreen Qt grab)")
+    p.add_argument("--checkpoint", metavar="CKPT", help="weights to load (default: cached MedicoSAM, else a labelled random stand-in)")
+    p.add_argument("--napari-sam-version", metavar="V", help="use this napari-sam release from PyPI instead of the installed copy")
+    p.add_argument("--target", choices=["lesion", "liver"], default="lesion", help="what the click lands on (default lesion)")
+    p.add_argument("--keep-temp", action="store_true", help="keep the temporary folder (patched copy, HOME) for inspection")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no progress lines)")
     return parser
 
 

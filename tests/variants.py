@@ -9,8 +9,8 @@ A variant is the fixture's ``.py`` files run through a random, reproducible mix 
   black is installed), string quotes swapped (libcst, never a regex), comments and blank lines
   between statements and inside dict literals, CRLF line endings, a UTF-8 BOM.
 
-``variants(layout, n)`` gives ``n`` variants: first one per single mutation (so each is covered
-alone), then random combinations. Everything is deterministic in the layout name and the index.
+``variants(layout, n)`` gives ``n`` variants: even indices are the single mutations (so each is
+covered alone) until they run out, the rest random combinations. Everything is deterministic in the layout name and the index.
 """
 
 from __future__ import annotations
@@ -543,8 +543,8 @@ def random_mutations(rng: random.Random) -> list[str]:
 
 def variant(layout: str, index: int) -> Variant:
     seed = zlib.crc32(f"{layout}:{index}".encode())
-    if index < len(SINGLE):
-        mutations = [SINGLE[index]]
+    if index % 2 == 0 and index // 2 < len(SINGLE):  # singles and mixes interleaved
+        mutations = [SINGLE[index // 2]]
     else:
         mutations = random_mutations(random.Random(seed))
     return Variant(layout, index, seed, mutations, mutate(fixture_files(layout), mutations, seed))

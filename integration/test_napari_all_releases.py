@@ -1,0 +1,49 @@
+"""Every napari-sam release on PyPI: patched, idempotent, reverted byte for byte.
+
+Needs PyPI (the wheels are downloaded into a temporary folder); the widget itself is exercised
+for one release per layout by test_napari_real.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+from medico_adapters import patching
+from medico_adapters.adapters.napari_sam import ADAPTER
+from medico_adapters.patchgen import releases
+from tests.helpers import snapshot
+
+
+@pytest.fixture(scope="module")
+def wheels(tmp_path_factory):
+    try:
+        versions = releases("napari-sam")
+    except OSError as e:
+        pytest.skip(f"PyPI not reachable: {e}")
+    folder = tmp_path_factory.mktemp("wheels")
+    for version in versions:
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(folder / version),
+                        f"napari-sam=={version}"], check=True, capture_output=True)
+    return {v: next((folder / v).glob("*.whl")) for v in versions}
+
+
+def test_every_release(wheels, tmp_path, checkpoints):
+    layouts = {}
+    for version, wheel in wheels.items():
+        root = tmp_path / version
+        zipfile.ZipFile(wheel).extractall(root)
+        before = snapshot(root)
+        result = patching.patch(ADAPTER, root, checkpoint=checkpoints["plain"])
+        assert result.changed, version
+        assert patching.patch(ADAPTER, root).changed == [], version
+        assert patching.status(ADAPTER, root)["patched"], version
+        patching.unpatch(ADAPTER, root)
+        assert snapshot(root) == before, version
+        layouts.setdefault(result.layout, []).append(version)
+    summary = ", ".join(f"{k}: {len(v)} ({v[0]}..{v[-1]})" for k, v in sorted(layouts.items()))
+    print(f"\n{len(wheels)} napari-sam releases patched, idempotent and reverted: {summary}")
+    assert len(wheels) >= 49
