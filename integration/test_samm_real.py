@@ -52,14 +52,6 @@ LAYOUT = _layout()
 needs_legacy = pytest.mark.skipif(LAYOUT not in ("S2", "S3", "S4"), reason=f"legacy samm only (this checkout: {LAYOUT})")
 needs_server = pytest.mark.skipif(LAYOUT != "samm-server", reason=f"samm-server >= 1.2 only (this checkout: {LAYOUT})")
 
-# S2's INFERENCE callback moves the cached features with a hard-coded `.to("cuda")` (S3+ use
-# `.to(dataNode.device)`); the adapter's "cpu fallback" only adds the device choice to initNetwork,
-# so on a CPU-only host the patched S2 server embeds but cannot answer a point prompt.
-S2_CUDA_ONLY_INFERENCE = (
-    "adapter gap: the 'cpu fallback' the samm adapter reports for S2 does not reach "
-    "sammProcessingCallBack_INFERENCE, which calls dataNode.features[...][n].to(\"cuda\") unconditionally"
-)
-
 SERVER_MODULES = ("sam_server", "utl_sam_server", "utl_sam_msg", "utl_latencylogger")
 VOLUME = (8, 8, 8)  # a constant cube: all 24 slices (R+G+Y) give the encoder the same 1024x1024 input
 
@@ -300,8 +292,6 @@ def test_legacy_embeddings_and_point_inference(legacy, request):
     assert all(f.shape == (1, 256, 64, 64) and f.device.type == "cpu" for v in "RGY" for f in node.features[v])
     assert (legacy.root / samm.WORKSPACE / "emb" / "emb.pkl").is_file()
 
-    if LAYOUT == "S2":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=S2_CUDA_ONLY_INFERENCE))
     mask = conn.pushRequest(types_.INFERENCE, {
         "n": r // 2,
         "view": "R",

@@ -175,7 +175,7 @@ def detect_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
     raise CheckpointError(f"unknown SAM image encoder (embed dim {dims[0]}, depth {dims[1]})")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of the state dict ``segment_anything`` builds for ``arch`` (built on meta)."""
     from segment_anything import sam_model_registry

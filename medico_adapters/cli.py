@@ -198,11 +198,45 @@ def cmd_install(args) -> int:
     return 0
 
 
+def _ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(round(float(v))) for v in text.split(",")]
+    except ValueError:
+        raise MedicoError(f"{option} {text!r}: expected comma-separated numbers") from None
+
+
+def _point(text: str) -> tuple[int, ...]:
+    coords, _, label = text.partition(":")
+    values = _ints(coords, "--point")
+    if len(values) not in (2, 3):
+        raise MedicoError(f"--point {text!r}: expected Z,Y,X (volume) or Y,X (2D), optionally :LABEL")
+    if label not in ("", "0", "1"):
+        raise MedicoError(f"--point {text!r}: the label must be 1 (foreground) or 0 (background)")
+    return (*values, int(label or 1))
+
+
+def _window(text: str | None):
+    if text is None or "," not in text:
+        return text
+    width, level = _ints(text, "--window")[:2]
+    return (float(width), float(level))
+
+
 def cmd_segment(args) -> int:
     from medico_adapters import segment
 
-    report = segment.run_cli(args)
-    _emit(args, report, report.get("message", ""))
+    boxes = [tuple(_ints(b, "--box")) for b in args.box]
+    report = segment.segment(
+        args.image, args.output, points=[_point(p) for p in args.point], boxes=boxes, auto=args.auto,
+        checkpoint=args.checkpoint, window=_window(args.window), overlay=args.overlay, slice_index=args.slice,
+        device=args.device, exact=not args.fast, propagate_masks=not args.no_propagate,
+        progress=not args.json,
+    )
+    summary = f"wrote {report['output']} ({report.get('voxels', report.get('objects', 0))} " + (
+        "objects" if report["mode"] == "auto" else "voxels") + f", slice {report['slice']}, {report['seconds']} s)"
+    if report.get("overlay"):
+        summary += f"\nwrote {report['overlay']}"
+    _emit(args, report, summary)
     return 0
 
 

@@ -11,7 +11,7 @@ import libcst as cst
 
 from medico_adapters import checkpoint as ckpt_mod
 from medico_adapters import engine, registry
-from medico_adapters.adapters.base import Adapter, Layout, parse, run_codemod
+from medico_adapters.adapters.base import Adapter, Layout, run_codemod
 from medico_adapters.engine import Entry, Plan, Tree
 from medico_adapters.errors import LayoutError, PatchError
 

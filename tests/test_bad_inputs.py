@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from medico_adapters.cli import main
-from tests.helpers import copy_fixture, snapshot
+from tests.helpers import copy_fixture
 
 
 class _RunsCommand:

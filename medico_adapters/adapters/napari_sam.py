@@ -24,8 +24,8 @@ from libcst.codemod.visitors import AddImportsVisitor
 
 from medico_adapters.adapters.base import (
     LOCAL_SCHEME,
-    SCHEME,
     MEDICOSAM_FILENAME,
+    SCHEME,
     Adapter,
     Layout,
     Step,

@@ -198,6 +198,44 @@ _MPS_TEST = m.Call(
 )
 
 
+class UseNodeDevice(VisitorBasedCodemodCommand):
+    """Move prompt features to the node's device, not a hard-wired GPU (S2's inference callback).
+
+    Before::
+
+        def sammProcessingCallBack_INFERENCE(msg, dataNode):
+            dataNode.samPredictor[v].features = dataNode.features[v][n].to("cuda")
+
+    After::
+
+        def sammProcessingCallBack_INFERENCE(msg, dataNode):
+            dataNode.samPredictor[v].features = dataNode.features[v][n].to(dataNode.device)
+    """
+
+    DESCRIPTION = "Replace .to(\"cuda\") with the parameter node's device in callbacks taking dataNode."
+    REQUIRED = False  # S3 and later already use dataNode.device
+
+    def __init__(self, context) -> None:
+        super().__init__(context)
+        self.node: list[bool] = []
+
+    def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
+        self.node.append(any(p.name.value == "dataNode" for p in node.params.params))
+
+    def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
+        self.node.pop()
+        return updated
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        if not (self.node and self.node[-1]):
+            return updated
+        if m.matches(updated, m.Call(func=m.Attribute(attr=m.Name("to")), args=[m.Arg(value=m.SimpleString())])) \
+                and updated.args[0].value.evaluated_value == "cuda":
+            device = cst.Attribute(value=cst.Name("dataNode"), attr=cst.Name("device"))
+            return updated.with_changes(args=[updated.args[0].with_changes(value=device)])
+        return updated
+
+
 class AddCpuFallback(VisitorBasedCodemodCommand):
     """Chain initNetwork's device ``if``s as cuda -> mps -> cpu (upstream never sets a CPU device).
 
@@ -645,6 +683,7 @@ class SammAdapter(Adapter):
             Step(WIDGET, AddComboItems, {"entries": entries}),
             # the CPU fallback comes first: the loader it serves reads self.device.
             Step(SERVER_UTIL, AddCpuFallback),
+            Step(SERVER_UTIL, UseNodeDevice),
             Step(SERVER_UTIL, AddMedicoLoader, {"entries": entries}),
         ]
         if not options.get("keep_default"):
