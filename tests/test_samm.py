@@ -382,3 +382,31 @@ def test_patched_server_loads_medicosam_on_cpu(layout, tmp_path, checkpoints, vi
     finally:
         sys.modules.pop("utl_sam_server", None)
         sys.modules.pop("utl_sam_msg", None)
+
+
+# --- S2's hard-wired .to("cuda") in the inference callback ------------------------------------
+
+
+def test_inference_features_follow_the_node_device():
+    from medico_adapters.adapters.samm import UseNodeDevice
+
+    check_transformed(
+        UseNodeDevice,
+        """\
+        def sammProcessingCallBack_INFERENCE(msg):
+            dataNode = SammParameterNode()
+            dataNode.samPredictor["R"].features = dataNode.features["R"][0].to("cuda")
+        """,
+        """\
+        def sammProcessingCallBack_INFERENCE(msg):
+            dataNode = SammParameterNode()
+            dataNode.samPredictor["R"].features = dataNode.features["R"][0].to(dataNode.device)
+        """,
+    )
+
+
+def test_untransformed_cuda_outside_node_callbacks():
+    from medico_adapters.adapters.samm import UseNodeDevice
+
+    check_noop(UseNodeDevice, 'def warm(x):\n    return x.to("cuda")\n')
+    check_noop(UseNodeDevice, "def f(msg):\n    dataNode = SammParameterNode()\n    return dataNode.features.to(dataNode.device)\n")

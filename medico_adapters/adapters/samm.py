@@ -203,16 +203,18 @@ class UseNodeDevice(VisitorBasedCodemodCommand):
 
     Before::
 
-        def sammProcessingCallBack_INFERENCE(msg, dataNode):
+        def sammProcessingCallBack_INFERENCE(msg):
+            dataNode = SammParameterNode()
             dataNode.samPredictor[v].features = dataNode.features[v][n].to("cuda")
 
     After::
 
-        def sammProcessingCallBack_INFERENCE(msg, dataNode):
+        def sammProcessingCallBack_INFERENCE(msg):
+            dataNode = SammParameterNode()
             dataNode.samPredictor[v].features = dataNode.features[v][n].to(dataNode.device)
     """
 
-    DESCRIPTION = "Replace .to(\"cuda\") with the parameter node's device in callbacks taking dataNode."
+    DESCRIPTION = "Replace .to(\"cuda\") with the parameter node's device in callbacks using dataNode."
     REQUIRED = False  # S3 and later already use dataNode.device
 
     def __init__(self, context) -> None:
@@ -220,7 +222,10 @@ class UseNodeDevice(VisitorBasedCodemodCommand):
         self.node: list[bool] = []
 
     def visit_FunctionDef(self, node: cst.FunctionDef) -> None:
-        self.node.append(any(p.name.value == "dataNode" for p in node.params.params))
+        bound = any(p.name.value == "dataNode" for p in node.params.params) or bool(
+            m.findall(node, m.AssignTarget(target=m.Name("dataNode")))
+        )
+        self.node.append(bound)
 
     def leave_FunctionDef(self, original: cst.FunctionDef, updated: cst.FunctionDef) -> cst.FunctionDef:
         self.node.pop()
