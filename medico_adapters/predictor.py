@@ -18,6 +18,7 @@ weights and only check agreement with the reference implementation).
 
 from __future__ import annotations
 
+import math
 import os
 import types
 import warnings
@@ -207,6 +208,7 @@ class Predictor:
         accelerate_image_encoder(self.model, exact=exact)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._dense_pe = None
+        self._prep: _Prepared | None = None
         self._embedding: Embedding | None = None
 
     @property
@@ -274,6 +276,15 @@ class Predictor:
                 self._dense_pe = self.model.prompt_encoder.get_dense_pe()
         return self._dense_pe
 
+    def _prepared(self, emb: Embedding) -> _Prepared:
+        """The prompt-independent decoder inputs for ``emb``, computed on its first predict."""
+        cached = self._prep
+        if cached is None or cached.embedding is not emb:
+            with torch.inference_mode():
+                cached = _Prepared(self.model, emb, self._image_pe())
+            self._prep = cached
+        return cached
+
     def predict(
         self,
         point_coords: np.ndarray | None = None,
@@ -303,16 +314,129 @@ class Predictor:
             boxes = torch.as_tensor(scaled, dtype=torch.float, device=dev)[None]
         if mask_input is not None:
             masks_in = torch.as_tensor(np.asarray(mask_input), dtype=torch.float, device=dev)[None]
+        prep = self._prepared(emb)
         with torch.inference_mode():
             sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=masks_in)
-            low_res, scores = self.model.mask_decoder(
-                image_embeddings=emb.features,
-                image_pe=self._image_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
-            masks = self.model.postprocess_masks(low_res, emb.input_size, emb.original_size)
+            low_res, scores = _decode(self.model.mask_decoder, prep, sparse, dense if masks_in is not None else None,
+                                      multimask_output)
+            masks = _upscale(self.model, low_res, emb.input_size, emb.original_size)
             if not return_logits:
                 masks = masks > self.model.mask_threshold
         return masks[0].cpu().numpy(), scores[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+
+# -- mask decoder with the image-only work done once per embedding ---------------------------
+#
+# ``SamPredictor.predict`` re-runs, for every prompt, work that depends on the image alone: the
+# 64x64 dense positional encoding, adding ``no_mask_embed`` to the 4096 image tokens, and in the
+# first two-way block (which skips the token PE on the image side of nothing but self-attention)
+# three 4096x256 -> 128 projections of the unchanged image tokens. ``_Prepared`` computes those
+# once; ``_decode`` is the decoder's forward with the same operations in the same order, reusing
+# them, for the one prompt ``predict`` handles (batch 1, so no ``repeat_interleave``).
+
+
+def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
+    b, t, c = x.shape
+    return x.reshape(b, t, n, c // n).transpose(1, 2)
+
+
+def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention on head-separated projections, then recombine and ``out_proj`` (SAM's maths)."""
+    a = q @ k.transpose(-1, -2)
+    a = a / math.sqrt(q.shape[-1])
+    a = torch.softmax(a, dim=-1)
+    out = a @ v
+    b, n, t, c = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, n * c))
+
+
+def _project(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    n = attn.num_heads
+    return _heads(attn.q_proj(q), n), _heads(attn.k_proj(k), n), _heads(attn.v_proj(v), n)
+
+
+class _Prepared:
+    """Image-only decoder inputs: tokens with ``no_mask_embed``, their PE and first-block projections."""
+
+    def __init__(self, sam: torch.nn.Module, emb: Embedding, dense_pe: torch.Tensor) -> None:
+        self.embedding = emb
+        features = emb.features
+        self.shape = tuple(features.shape)
+        self.features = features
+        self.pe = dense_pe.flatten(2).permute(0, 2, 1)
+        no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        self.keys = (features + no_mask).flatten(2).permute(0, 2, 1)
+        first = sam.mask_decoder.transformer.layers[0]
+        self.first = None
+        if first.skip_first_layer_pe:
+            key_in = self.keys + self.pe
+            to_image, to_token = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+            self.first = (
+                _heads(to_image.k_proj(key_in), to_image.num_heads),
+                _heads(to_image.v_proj(self.keys), to_image.num_heads),
+                _heads(to_token.q_proj(key_in), to_token.num_heads),
+            )
+
+
+def _decode(decoder: torch.nn.Module, prep: _Prepared, sparse: torch.Tensor, dense: torch.Tensor | None,
+            multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``MaskDecoder.forward`` for one prompt, returning only the masks asked for."""
+    transformer = decoder.transformer
+    tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)[None]
+    tokens = torch.cat((tokens, sparse), dim=1)
+    if dense is None:
+        keys, cached = prep.keys, prep.first
+    else:
+        keys, cached = (prep.features + dense).flatten(2).permute(0, 2, 1), None
+    key_pe, query_pe = prep.pe, tokens
+
+    queries = tokens
+    for i, layer in enumerate(transformer.layers):
+        if layer.skip_first_layer_pe:
+            sa = layer.self_attn
+            queries = _attend(sa, *_project(sa, queries, queries, queries))
+        else:
+            q = queries + query_pe
+            sa = layer.self_attn
+            queries = queries + _attend(sa, *_project(sa, q, q, queries))
+        queries = layer.norm1(queries)
+
+        to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+        if i == 0 and cached is not None:
+            k_img, v_img, q_img = cached
+        else:
+            key_in = keys + key_pe
+            k_img = _heads(to_image.k_proj(key_in), to_image.num_heads)
+            v_img = _heads(to_image.v_proj(keys), to_image.num_heads)
+            q_img = None
+        q_tok = _heads(to_image.q_proj(queries + query_pe), to_image.num_heads)
+        queries = layer.norm2(queries + _attend(to_image, q_tok, k_img, v_img))
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        if q_img is None:
+            q_img = _heads(to_token.q_proj(key_in), to_token.num_heads)
+        q = queries + query_pe
+        k_tok = _heads(to_token.k_proj(q), to_token.num_heads)
+        v_tok = _heads(to_token.v_proj(queries), to_token.num_heads)
+        keys = layer.norm4(keys + _attend(to_token, q_img, k_tok, v_tok))
+
+    final = transformer.final_attn_token_to_image
+    queries = queries + _attend(final, *_project(final, queries + query_pe, keys + key_pe, keys))
+    queries = transformer.norm_final_attn(queries)
+
+    b, c, h, w = prep.shape
+    upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
+    chosen = range(1, decoder.num_mask_tokens) if multimask else range(1)
+    hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in chosen], dim=1)
+    b, c, h, w = upscaled.shape
+    masks = (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    iou = decoder.iou_prediction_head(queries[:, 0, :])
+    return masks, iou[:, chosen.start : chosen.stop]
+
+
+def _upscale(sam: torch.nn.Module, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
+    """``Sam.postprocess_masks``: bilinear to the padded input size, crop, bilinear to the original."""
+    size = sam.image_encoder.img_size
+    masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
+    masks = masks[..., : input_size[0], : input_size[1]]
+    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)

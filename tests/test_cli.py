@@ -20,7 +20,7 @@ def cli(*args, home=None):
     return subprocess.run([sys.executable, "-m", "medico_adapters", *map(str, args)], capture_output=True, text=True, env=env)
 
 
-@pytest.mark.parametrize("command", ["models", "fetch", "check", "export", "patch", "unpatch", "status", "install", "segment"])
+@pytest.mark.parametrize("command", ["models", "fetch", "check", "export", "patch", "unpatch", "status", "install", "segment", "demo"])
 def test_every_command_has_help_with_an_example(command):
     proc = cli(command, "--help")
     assert proc.returncode == 0 and "example:" in proc.stdout and "medico-adapters " + command in proc.stdout
