@@ -116,10 +116,16 @@ def _checkout_session(session: nox.Session, tool: str, env_var: str, tests: str,
     src = os.environ.get(env_var)
     if not src:
         session.skip(f"set {env_var} to a checkout of {tool} (not on PyPI; clones need github access)")
-    commit = session.run("git", "-C", src, "rev-parse", "HEAD", silent=True, external=True).strip()
+    # An exported tree (git archive) has no .git: then say which commit it is with <VAR>_COMMIT.
+    commit = os.environ.get(f"{env_var}_COMMIT") or session.run(
+        "git", "-C", src, "rev-parse", "HEAD", silent=True, external=True, success_codes=[0, 128]
+    ).strip()
+    commit = commit if len(commit) >= 7 and " " not in commit else "unknown-commit"
     session.log(f"{tool} checkout {src} at {commit}")
     run_integration(session, tool, requirements, tests, env={env_var: src})
-    record(tool, commit[:12], "see test output", "yes")
+    status = session.run("python", "-m", "medico_adapters", "status", tool, "--path", src, "--json", silent=True)
+    layout = json.loads(status[status.index("{"):])["layout"]
+    record(tool, commit[:12], layout, "yes")
 
 
 @nox.session(tags=["integration", "samm"])

@@ -404,7 +404,7 @@ def _stage_only(root: Path, stage: list, step: _Steps) -> None:
         raise
 
 
-def commit_unpatch(root: Path, manifest: dict, *, force: bool = False, keep: dict | None = None) -> list[str]:
+def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[str]:
     """Restore every changed file and remove placed checkpoints; returns the restored paths."""
     state = root / STATE_DIR
     step = _Steps()

@@ -114,6 +114,14 @@ def plan_patch(
     manifest = tree.manifest or {}
     if manifest and manifest.get("tool") != adapter.tool:
         raise PatchError(f"{root}: was patched as {manifest.get('tool')!r}, not {adapter.tool!r}")
+    for rel, record in manifest.get("files", {}).items():
+        path = root / rel
+        now = engine.sha256_bytes(path.read_bytes()) if path.is_file() else None
+        if now not in (record.get("patched_sha256"), record["original_sha256"]):
+            raise PatchError(
+                f"{path}: changed since it was patched (your edit, or a reinstalled tool); "
+                f"`unpatch --force` restores the patched-from version, or delete {root / engine.STATE_DIR} if you reinstalled"
+            )
     entries = [Entry.from_dict(d) for d in manifest.get("entries", [])]
     merged_options = {**manifest.get("options", {}), **(options or {})}
 

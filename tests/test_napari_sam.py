@@ -285,3 +285,27 @@ def test_computed_sam_models_refused(tmp_path):
     (pkg / "_widget.py").write_text("SAM_MODELS = load_models()\n")
     with pytest.raises(LayoutError, match="computed"):
         patching.patch(ADAPTER, tmp_path)
+
+
+def test_repatch_refuses_to_overwrite_a_user_edit(tmp_path, checkpoints):
+    root = copy_fixture("napari_sam/N3", tmp_path)
+    patching.patch(ADAPTER, root, checkpoint=checkpoints["plain"])
+    widget = root / "src/napari_sam/_widget.py"
+    edited = widget.read_bytes() + b"# my edit\n"
+    widget.write_bytes(edited)
+    with pytest.raises(PatchError, match="changed since it was patched"):
+        patching.patch(ADAPTER, root, checkpoint=checkpoints["medsam"], name="Other")
+    assert widget.read_bytes() == edited
+
+
+def test_older_kit_manifest_is_repatched_from_originals(tmp_path, checkpoints):
+    import json
+
+    root = copy_fixture("napari_sam/N2", tmp_path)
+    patching.patch(ADAPTER, root, checkpoint=checkpoints["plain"])
+    manifest_path = root / ".medico-adapters/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["kit_version"] = "0.0.1"
+    manifest_path.write_text(json.dumps(manifest))
+    assert patching.patch(ADAPTER, root).changed == []
+    assert patching.status(ADAPTER, root)["kit_version"] == "0.0.1"
