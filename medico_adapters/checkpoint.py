@@ -14,6 +14,7 @@ allow-list of harmless numpy types; anything else needs ``trust=True`` (``--trus
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pickle
 import re
@@ -177,12 +178,33 @@ def detect_arch(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 @functools.cache
 def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
-    """Key -> shape of the state dict ``segment_anything`` builds for ``arch`` (built on meta)."""
+    """Key -> shape of the state dict ``segment_anything`` builds for ``arch``.
+
+    Built once on the meta device and kept in the kit's cache: importing segment_anything (and
+    torchvision with it) costs more than reading a whole checkpoint.
+    """
+    from importlib.metadata import version
+
+    from medico_adapters.registry import cache_dir
+
+    cached = cache_dir() / "shapes" / f"segment-anything-{version('segment-anything')}-{arch}.json"
+    try:
+        return {k: tuple(v) for k, v in json.loads(cached.read_text("utf-8")).items()}
+    except (OSError, ValueError):
+        pass
     from segment_anything import sam_model_registry
 
     with torch.device("meta"):
         model = sam_model_registry[arch]()
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(shapes), "utf-8")
+        os.replace(tmp, cached)
+    except OSError:
+        pass  # a read-only cache only costs the import next time
+    return shapes
 
 
 def _problems(state_dict: Mapping[str, torch.Tensor], arch: str) -> tuple[str, ...]:

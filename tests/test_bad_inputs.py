@@ -122,7 +122,13 @@ CASE_NAMES = [
 
 
 def _disk(root: Path) -> dict:
-    return {str(p): p.read_bytes() if p.is_file() and not p.is_symlink() else None for p in sorted(root.rglob("*"))}
+    """Every file under ``root`` but the kit's own cache of derived data (MEDICO_ADAPTERS_CACHE)."""
+    cache = os.environ.get("MEDICO_ADAPTERS_CACHE", "\0")
+    return {
+        str(p): p.read_bytes() if p.is_file() and not p.is_symlink() else None
+        for p in sorted(root.rglob("*"))
+        if not str(p).startswith(cache)
+    }
 
 
 @pytest.mark.parametrize("case", CASE_NAMES)
