@@ -92,3 +92,19 @@ def test_patch_without_checkpoint_offline_says_how(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.count("\n") == 1 and "--from-file" in proc.stderr
     assert not (root / ".medico-adapters").exists()
+
+
+def test_install_git_tool_patches_an_existing_checkout(tmp_path, checkpoints, capsys):
+    from medico_adapters.cli import main
+
+    root = copy_fixture("samm/S4", tmp_path)
+    assert main(["install", "samm", "--path", str(root), "--checkpoint", str(checkpoints["plain"]), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["layout"] == "S4" and (root / "samm-python-terminal/samm-workspace/vit_b_medicosam.pt").is_file()
+
+
+def test_install_git_tool_refuses_pypi_version(capsys):
+    from medico_adapters.cli import main
+
+    assert main(["install", "slicer-segment-with-sam", "--version", "1.0"]) == 1
+    assert "use --ref COMMIT" in capsys.readouterr().err
