@@ -5,10 +5,12 @@ predict-with-cached-embedding speedup, peak RSS of one embedding (each in a fres
 via ``resource.getrusage``), and the speedup of re-running ``segment`` when the embedding cache
 is warm. Weights are random (fixed seed): this measures speed and agreement, not accuracy.
 
-    python benchmarks/bench_predictor.py [--repeats 3] [--size 512]
+    python benchmarks/bench_predictor.py [--repeats 3] [--size 512] [--predict-repeats 41] [--predict-only]
 
-Timings interleave the contenders and keep the best of ``--repeats`` runs, because a shared
-CPU is noisy; compare figures only within one run.
+Timings interleave the contenders, because a shared CPU is noisy; compare figures only within
+one run. Embeddings keep the best of ``--repeats`` runs; ``predict`` (both on the same cached
+embedding, a single positive point, multimask output) reports medians of ``--predict-repeats``
+interleaved calls, plus the worst mask/score/logit disagreement over a few prompt kinds.
 """
 
 from __future__ import annotations
@@ -100,23 +102,57 @@ def _embedding_figures(reference, exact, fast, image, repeats: int) -> None:
     print(f"set_image  fast      {best['fast']:.2f} s  speedup {best['reference'] / best['fast']:.2f}x  cosine {cos:.5f}")
 
 
-def _predict_figures(reference, exact) -> None:
+def _predict_figures(reference, exact, repeats: int) -> None:
+    """Predict on one shared embedding: median ms of interleaved calls, and agreement."""
+    from medico_adapters.predictor import Embedding
+
+    exact.set_embedding(
+        Embedding(reference.get_image_embedding().clone(), tuple(reference.original_size), tuple(reference.input_size))
+    )
     points, labels = np.array([[200.0, 150.0]]), np.array([1])
-    pred = {"reference": [], "exact": []}
+    calls = {"reference": lambda: reference.predict(points, labels), "exact": lambda: exact.predict(points, labels)}
     for _ in range(3):
-        reference.predict(points, labels)
-        exact.predict(points, labels)
-    for _ in range(15):
-        pred["reference"].append(_timed(lambda: reference.predict(points, labels)))
-        pred["exact"].append(_timed(lambda: exact.predict(points, labels)))
+        for fn in calls.values():
+            fn()
+    pred = {"reference": [], "exact": []}
+    for i in range(repeats):
+        order = ("reference", "exact") if i % 2 == 0 else ("exact", "reference")  # cancel order effects
+        for name in order:
+            pred[name].append(_timed(calls[name]))
     med = {k: float(np.median(v)) * 1000 for k, v in pred.items()}
-    print(f"predict    reference {med['reference']:.1f} ms, ours {med['exact']:.1f} ms  speedup {med['reference'] / med['exact']:.2f}x (median of 15)")
+    paired = float(np.median(np.array(pred["reference"]) / np.array(pred["exact"])))
+    print(
+        f"predict    reference {med['reference']:.1f} ms, ours {med['exact']:.1f} ms  "
+        f"speedup {med['reference'] / med['exact']:.2f}x (medians of {repeats} interleaved calls; "
+        f"median per-pair ratio {paired:.2f}x)"
+    )
+    worst = {"pixels": 0, "score": 0.0, "logit": 0.0}
+    prompts = [
+        {"point_coords": points, "point_labels": labels},
+        {"point_coords": np.array([[200.0, 150.0], [320.0, 300.0]]), "point_labels": np.array([1, 0])},
+        {"box": np.array([100.0, 80.0, 400.0, 380.0])},
+        {"box": np.array([100.0, 80.0, 400.0, 380.0]), "point_coords": points, "point_labels": labels,
+         "multimask_output": False},
+    ]
+    for prompt in prompts:
+        ref_out, ours_out = reference.predict(**prompt), exact.predict(**prompt)
+        refine = dict(prompt, mask_input=ref_out[2][:1])
+        for a, b in ((ref_out, ours_out), (reference.predict(**refine), exact.predict(**refine))):
+            worst["pixels"] = max(worst["pixels"], int((a[0] != b[0]).sum()))
+            worst["score"] = max(worst["score"], float(np.abs(a[1] - b[1]).max()))
+            worst["logit"] = max(worst["logit"], float(np.abs(a[2] - b[2]).max()))
+    print(
+        f"predict    agreement over {2 * len(prompts)} prompts: differing mask pixels <= {worst['pixels']}, "
+        f"max|score diff| {worst['score']:.1e}, max|low-res logit diff| {worst['logit']:.1e}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--predict-repeats", type=int, default=41)
+    parser.add_argument("--predict-only", action="store_true", help="only the predict timing and agreement")
     parser.add_argument("--rss-child", nargs=2, metavar=("KIND", "CKPT"))
     args = parser.parse_args()
     if args.rss_child:
@@ -131,16 +167,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         ckpt = _random_checkpoint(tmp)
+        image = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype(np.uint8)
+        if args.predict_only:
+            reference = SamPredictor(build_sam_vit_b(checkpoint=str(ckpt)).eval())
+            reference.set_image(image)
+            _predict_figures(reference, Predictor(ckpt, device="cpu"), args.predict_repeats)
+            return
         for kind in ("reference", "exact", "fast"):
             peak, before = _rss(kind, ckpt, args.size)
             print(f"peak RSS   {kind:<9} {peak:.0f} MiB for load + one embedding (after loading: {before:.0f} MiB)")
-        image = (np.random.default_rng(0).random((args.size, args.size, 3)) * 255).astype(np.uint8)
         reference = SamPredictor(build_sam_vit_b(checkpoint=str(ckpt)).eval())
         exact = Predictor(ckpt, device="cpu")
         fast = Predictor(ckpt, device="cpu", exact=False)
 
         _embedding_figures(reference, exact, fast, image, args.repeats)
-        _predict_figures(reference, exact)
+        _predict_figures(reference, exact, args.predict_repeats)
         del reference, exact, fast
 
 

@@ -12,6 +12,14 @@ the same embedding (max abs diff well below 1e-4); ``segment_anything`` itself i
 kernels (fbgemm), trading a cosine similarity of about 0.999 for more speed. bf16/fp16 autocast
 was measured and rejected: on CPUs without native bf16 it is several times slower than fp32.
 
+``predict`` on a cached embedding does the image-only part of the mask decoder once per embedding
+(dense PE, ``no_mask_embed``, the first block's image projections), runs the rest for one prompt
+without batch copies, folds projections into the few prompt tokens where that is cheaper, and
+runs the mask upscaling as two matrix products instead of mkldnn deconvolutions (see
+``_decode``). Scores and low-res logits match ``SamPredictor.predict`` to float rounding
+(~1e-7 / ~1e-6), so the thresholded masks are the same bar pixels whose logit is within
+rounding of the threshold. Only this kit's code does this; the model's modules are unchanged.
+
 Accuracy of the masks comes from MedicoSAM's weights; it is not measured here (tests use random
 weights and only check agreement with the reference implementation).
 """
@@ -328,11 +336,22 @@ class Predictor:
 # -- mask decoder with the image-only work done once per embedding ---------------------------
 #
 # ``SamPredictor.predict`` re-runs, for every prompt, work that depends on the image alone: the
-# 64x64 dense positional encoding, adding ``no_mask_embed`` to the 4096 image tokens, and in the
-# first two-way block (which skips the token PE on the image side of nothing but self-attention)
-# three 4096x256 -> 128 projections of the unchanged image tokens. ``_Prepared`` computes those
-# once; ``_decode`` is the decoder's forward with the same operations in the same order, reusing
-# them, for the one prompt ``predict`` handles (batch 1, so no ``repeat_interleave``).
+# 64x64 dense positional encoding, adding ``no_mask_embed`` to the 4096 image tokens and, in the
+# first two-way block (which adds no PE to the prompt tokens' self-attention, and whose image
+# tokens are still the embedding itself), three 4096x256 -> 128 projections. ``_Prepared``
+# computes those once per embedding. ``_decode`` is the decoder's forward for the one prompt
+# ``predict`` handles (batch 1, so no ``repeat_interleave``), with three reorderings that give
+# the same values up to float rounding (max |diff| of the low-res logits ~1e-6):
+#   * image -> token attention is computed transposed (tokens x pixels), so the softmax runs
+#     over pixels, the slow softmax over the 7-ish prompt tokens and its head-recombining copy
+#     disappear (matmul writes straight into the recombined layout);
+#   * token -> image attention with few tokens folds the key and value projections into the
+#     tokens, (W_k^T q) . x instead of q . (W_k x + b) (the bias only shifts every logit of a
+#     row by the same amount, which softmax ignores), and W_v (sum_j p_j x_j) + b for the value:
+#     2 x (8 T x 4096 x 256) multiply-adds instead of 2 x (4096 x 256 x 128) for T < 16 tokens;
+#   * ``output_upscaling`` runs as two matrix products (``_upscaled_masks``).
+
+_FOLD_TOKENS = 16  # token -> image attention folds projections below this many tokens
 
 
 def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -340,19 +359,51 @@ def _heads(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(b, t, n, c // n).transpose(1, 2)
 
 
-def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Attention on head-separated projections, then recombine and ``out_proj`` (SAM's maths)."""
-    a = q @ k.transpose(-1, -2)
-    a = a / math.sqrt(q.shape[-1])
-    a = torch.softmax(a, dim=-1)
-    out = a @ v
+def _recombined(out: torch.Tensor) -> torch.Tensor:
     b, n, t, c = out.shape
-    return attn.out_proj(out.transpose(1, 2).reshape(b, t, n * c))
+    return out.transpose(1, 2).reshape(b, t, n * c)
 
 
-def _project(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+def _attend(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """SAM's ``Attention.forward`` (few tokens on both sides)."""
     n = attn.num_heads
-    return _heads(attn.q_proj(q), n), _heads(attn.k_proj(k), n), _heads(attn.v_proj(v), n)
+    q, k, v = _heads(attn.q_proj(q), n), _heads(attn.k_proj(k), n), _heads(attn.v_proj(v), n)
+    a = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1)
+    return attn.out_proj(_recombined(a @ v))
+
+
+def _token_to_image(attn: torch.nn.Module, q: torch.Tensor, key_in: torch.Tensor, values: torch.Tensor,
+                    projected: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Prompt tokens (1 x T x C) attending to image tokens (1 x N x C): ``attn(q, key_in, values)``."""
+    n = attn.num_heads
+    qh = _heads(attn.q_proj(q), n)  # 1 x heads x T x d
+    d = qh.shape[-1]
+    if projected is not None:
+        k, v = projected
+    elif q.shape[1] < _FOLD_TOKENS:
+        c = key_in.shape[-1]
+        wk = attn.k_proj.weight.view(n, d, c)
+        wv = attn.v_proj.weight.view(n, d, c)
+        folded = (qh[0] @ wk).reshape(-1, c)  # heads*T x C
+        a = torch.softmax((folded @ key_in[0].t()) / math.sqrt(d), dim=-1)  # heads*T x N
+        pooled = (a @ values[0]).view(n, -1, c)  # heads x T x C
+        out = pooled @ wv.transpose(1, 2) + attn.v_proj.bias.view(n, 1, d)
+        return attn.out_proj(_recombined(out[None]))
+    else:
+        k, v = _heads(attn.k_proj(key_in), n), _heads(attn.v_proj(values), n)
+    a = torch.softmax((qh @ k.transpose(-1, -2)) / math.sqrt(d), dim=-1)
+    return attn.out_proj(_recombined(a @ v))
+
+
+def _image_to_token(attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Image tokens (projected, 1 x heads x N x d) attending to prompt tokens: SAM's maths, transposed."""
+    n = attn.num_heads
+    kh, vh = _heads(attn.k_proj(k), n), _heads(attn.v_proj(v), n)
+    b, _, length, d = q.shape
+    a = torch.softmax((kh @ q.transpose(-1, -2)) / math.sqrt(d), dim=-2)  # 1 x heads x T x N
+    out = torch.empty((b, length, n, d), dtype=q.dtype, device=q.device)
+    torch.matmul(a.transpose(-1, -2), vh, out=out.transpose(1, 2))
+    return attn.out_proj(out.view(b, length, n * d))
 
 
 class _Prepared:
@@ -363,9 +414,9 @@ class _Prepared:
         features = emb.features
         self.shape = tuple(features.shape)
         self.features = features
-        self.pe = dense_pe.flatten(2).permute(0, 2, 1)
+        self.pe = dense_pe.flatten(2).transpose(1, 2).contiguous()
         no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        self.keys = (features + no_mask).flatten(2).permute(0, 2, 1)
+        self.keys = (features + no_mask).flatten(2).transpose(1, 2).contiguous()
         first = sam.mask_decoder.transformer.layers[0]
         self.first = None
         if first.skip_first_layer_pe:
@@ -376,62 +427,113 @@ class _Prepared:
                 _heads(to_image.v_proj(self.keys), to_image.num_heads),
                 _heads(to_token.q_proj(key_in), to_token.num_heads),
             )
+        self.upscaling = _upscaling_weights(sam.mask_decoder.output_upscaling)
 
 
 def _decode(decoder: torch.nn.Module, prep: _Prepared, sparse: torch.Tensor, dense: torch.Tensor | None,
             multimask: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``MaskDecoder.forward`` for one prompt, returning only the masks asked for."""
+    """``MaskDecoder.forward`` for one prompt, computing only the masks asked for."""
     transformer = decoder.transformer
     tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)[None]
     tokens = torch.cat((tokens, sparse), dim=1)
     if dense is None:
         keys, cached = prep.keys, prep.first
     else:
-        keys, cached = (prep.features + dense).flatten(2).permute(0, 2, 1), None
+        keys, cached = (prep.features + dense).flatten(2).transpose(1, 2).contiguous(), None
     key_pe, query_pe = prep.pe, tokens
 
     queries = tokens
     for i, layer in enumerate(transformer.layers):
         if layer.skip_first_layer_pe:
-            sa = layer.self_attn
-            queries = _attend(sa, *_project(sa, queries, queries, queries))
+            queries = _attend(layer.self_attn, queries, queries, queries)
         else:
             q = queries + query_pe
-            sa = layer.self_attn
-            queries = queries + _attend(sa, *_project(sa, q, q, queries))
+            queries = queries + _attend(layer.self_attn, q, q, queries)
         queries = layer.norm1(queries)
 
         to_image, to_token = layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
         if i == 0 and cached is not None:
+            key_in = None
             k_img, v_img, q_img = cached
+            attn_out = _token_to_image(to_image, queries + query_pe, key_in, keys, (k_img, v_img))
         else:
             key_in = keys + key_pe
-            k_img = _heads(to_image.k_proj(key_in), to_image.num_heads)
-            v_img = _heads(to_image.v_proj(keys), to_image.num_heads)
-            q_img = None
-        q_tok = _heads(to_image.q_proj(queries + query_pe), to_image.num_heads)
-        queries = layer.norm2(queries + _attend(to_image, q_tok, k_img, v_img))
-        queries = layer.norm3(queries + layer.mlp(queries))
-
-        if q_img is None:
+            attn_out = _token_to_image(to_image, queries + query_pe, key_in, keys)
             q_img = _heads(to_token.q_proj(key_in), to_token.num_heads)
-        q = queries + query_pe
-        k_tok = _heads(to_token.k_proj(q), to_token.num_heads)
-        v_tok = _heads(to_token.v_proj(queries), to_token.num_heads)
-        keys = layer.norm4(keys + _attend(to_token, q_img, k_tok, v_tok))
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _image_to_token(to_token, q_img, queries + query_pe, queries))
 
     final = transformer.final_attn_token_to_image
-    queries = queries + _attend(final, *_project(final, queries + query_pe, keys + key_pe, keys))
+    queries = queries + _token_to_image(final, queries + query_pe, keys + key_pe, keys)
     queries = transformer.norm_final_attn(queries)
 
-    b, c, h, w = prep.shape
-    upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
     chosen = range(1, decoder.num_mask_tokens) if multimask else range(1)
     hyper = torch.stack([decoder.output_hypernetworks_mlps[i](queries[:, 1 + i, :]) for i in chosen], dim=1)
-    b, c, h, w = upscaled.shape
-    masks = (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
+    b, c, h, w = prep.shape
+    if prep.upscaling is not None:
+        masks = _upscaled_masks(prep.upscaling, keys[0], hyper[0], h, w)[None]
+    else:
+        upscaled = decoder.output_upscaling(keys.transpose(1, 2).view(b, c, h, w))
+        b, c, h, w = upscaled.shape
+        masks = (hyper @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
     iou = decoder.iou_prediction_head(queries[:, 0, :])
     return masks, iou[:, chosen.start : chosen.stop]
+
+
+def _upscaling_weights(upscaling: torch.nn.Module):
+    """Weights to run SAM's ``output_upscaling`` as two matrix products, or None if it differs.
+
+    A ConvTranspose2d with kernel 2 and stride 2 writes each input pixel's ``C -> 4 O`` linear
+    map into a 2x2 output block, so it is a (pixels x C) @ (C x 4 O) product followed by a
+    rearrangement. The columns are ordered (dy, dx, O) so that channels stay innermost for the
+    channel LayerNorm and the next product; the spatial rearrangement is done once, on the
+    (few) final mask logits. mkldnn's deconvolution on CPU is several times slower than this.
+    """
+    from segment_anything.modeling.common import LayerNorm2d
+
+    parts = list(upscaling)
+    if len(parts) != 5:
+        return None
+    up1, norm, act1, up2, act2 = parts
+    for conv in (up1, up2):
+        if not (
+            isinstance(conv, torch.nn.ConvTranspose2d) and conv.kernel_size == (2, 2) and conv.stride == (2, 2)
+            and conv.padding == (0, 0) and conv.output_padding == (0, 0) and conv.groups == 1
+            and conv.dilation == (1, 1) and conv.bias is not None
+        ):
+            return None
+    if not isinstance(norm, LayerNorm2d):
+        return None
+
+    def matrix(conv):  # C_in x O x 2 x 2 -> C_in x (2 * 2 * O)
+        return conv.weight.permute(0, 2, 3, 1).reshape(conv.weight.shape[0], -1).contiguous()
+
+    return (
+        matrix(up1), up1.bias.repeat(4), norm, act1,
+        matrix(up2), up2.bias.repeat(4), act2,
+    )
+
+
+def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, in place for GELU (saves a fresh multi-MiB buffer per call)."""
+    if type(act) is torch.nn.GELU:
+        return torch.ops.aten.gelu_(x, approximate=act.approximate)
+    return act(x)
+
+
+def _upscaled_masks(weights, tokens: torch.Tensor, hyper: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Mask logits (n x 4h x 4w) from image tokens (h*w x C) and hypernetwork outputs (n x C/8)."""
+    w1, b1, norm, act1, w2, b2, act2 = weights
+    x = torch.addmm(b1, tokens, w1)  # rows (y, x); columns (dy, dx, o)
+    o1 = norm.weight.shape[0]
+    x = F.layer_norm(x.view(-1, o1), (o1,), norm.weight, norm.bias, norm.eps)
+    x = _activate(act1, x)
+    x = _activate(act2, torch.addmm(b2, x, w2))  # rows (y, x, dy, dx); columns (ey, ex, c)
+    n = hyper.shape[0]
+    logits = x.view(-1, hyper.shape[1]) @ hyper.t()  # rows (y, x, dy, dx, ey, ex)
+    logits = logits.view(h, w, 2, 2, 2, 2, n).permute(6, 0, 2, 4, 1, 3, 5)
+    return logits.reshape(n, 4 * h, 4 * w)
 
 
 def _upscale(sam: torch.nn.Module, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:

@@ -9,6 +9,7 @@ from medico_adapters.adapters.napari_sam import (
     ExtendModelRegistry,
     GuardLocalWeights,
     LayersChangeCompat,
+    PointsBorderColorCompat,
 )
 from medico_adapters.engine import Entry
 from medico_adapters.errors import LayoutError, PatchError
@@ -168,6 +169,22 @@ def test_layers_change_compat():
                 _layers_event.connect(self._on_layers_changed)
         """,
     )
+
+
+def test_points_border_color_compat():
+    check_transformed(
+        PointsBorderColorCompat,
+        """\
+        layer = self.viewer.add_points(data=p, face_color=c, edge_color="white", size=3)
+        """,
+        """\
+        layer = self.viewer.add_points(data=p, face_color=c, border_color="white", size=3)
+        """,
+    )
+
+
+def test_untransformed_shapes_keep_edge_color():
+    check_noop(PointsBorderColorCompat, 'self.viewer.add_shapes(data=b, edge_color="blue")\n')
 
 
 def test_untransformed_without_layers_change():

@@ -94,6 +94,99 @@ def test_set_embedding_reuses_features(exact, reference):
     np.testing.assert_array_equal(other.predict(box=BOX)[0], reference.predict(box=BOX)[0])
 
 
+# -- predict() on a cached embedding agrees with SamPredictor.predict ---------------------------
+# Both get the same (random) embedding, so only the prompt path is compared; no ViT run needed.
+MANY_POINTS = np.random.default_rng(5).uniform(0, 96, size=(12, 2))
+PREDICT_PROMPTS = {
+    "point": {"point_coords": POINTS[:1], "point_labels": LABELS[:1]},
+    "point_single": {"point_coords": POINTS[:1], "point_labels": LABELS[:1], "multimask_output": False},
+    "two_points_negative": {"point_coords": POINTS, "point_labels": LABELS},
+    "box": {"box": BOX},
+    "box_single": {"box": BOX, "multimask_output": False},
+    "box_and_point": {"point_coords": POINTS[:1], "point_labels": LABELS[:1], "box": BOX, "multimask_output": False},
+    "box_and_points_multi": {"point_coords": POINTS, "point_labels": LABELS, "box": BOX},
+    "many_points": {"point_coords": MANY_POINTS, "point_labels": np.arange(12) % 2},  # >= 16 tokens: unfolded path
+}
+
+
+def _decoder_pair(sam_and_path, size):
+    """(SamPredictor, Predictor) holding one random embedding for an image of ``size``."""
+    from segment_anything import SamPredictor
+
+    features = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(7)) * 0.5
+    ref = SamPredictor(sam_and_path[0])
+    ref.features = features
+    ref.original_size = size
+    ref.input_size = tuple(ref.transform.get_preprocess_shape(*size, ref.transform.target_length))
+    ref.is_image_set = True
+    ours = Predictor(sam_and_path[1], device="cpu")
+    ours.set_embedding(features.clone(), original_size=size)
+    return ref, ours
+
+
+@pytest.fixture(scope="module")
+def decoder_pair(sam_and_path):
+    return _decoder_pair(sam_and_path, IMAGE.shape[:2])
+
+
+def _assert_same_prediction(ref_out, ours_out, ref_logits_full=None, ours_logits_full=None):
+    ref_masks, ref_scores, ref_low = ref_out
+    masks, scores, low = ours_out
+    assert masks.shape == ref_masks.shape and masks.dtype == ref_masks.dtype
+    assert int((masks != ref_masks).sum()) <= 4  # rounding-level differences only flip |logit| ~ 1e-6 pixels
+    np.testing.assert_allclose(scores, ref_scores, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(low, ref_low, atol=1e-4, rtol=0)
+    if ref_logits_full is not None:
+        np.testing.assert_allclose(ours_logits_full, ref_logits_full, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(PREDICT_PROMPTS))
+def test_predict_on_cached_embedding_matches_sam_predictor(decoder_pair, name):
+    ref, ours = decoder_pair
+    prompt = PREDICT_PROMPTS[name]
+    ref_out, ours_out = ref.predict(**prompt), ours.predict(**prompt)
+    assert ours_out[0].shape == (len(ref_out[1]), *IMAGE.shape[:2])
+    _assert_same_prediction(ref_out, ours_out)
+
+    # refine with the best low-res logits of the previous call as mask_input (uncached decoder path)
+    refine = dict(prompt, mask_input=ref_out[2][np.argmax(ref_out[1])][None])
+    _assert_same_prediction(ref.predict(**refine), ours.predict(**refine))
+
+
+def test_predict_logits_portrait_image(sam_and_path):
+    """Full-resolution logits (return_logits) agree too, on a taller-than-wide image."""
+    ref, ours = _decoder_pair(sam_and_path, (150, 100))
+    prompt = {"point_coords": POINTS * 0.8, "point_labels": LABELS, "box": BOX * 0.8}
+    _assert_same_prediction(
+        ref.predict(**prompt), ours.predict(**prompt),
+        ref.predict(**prompt, return_logits=True)[0], ours.predict(**prompt, return_logits=True)[0],
+    )
+
+
+def test_predict_cache_follows_the_embedding(decoder_pair):
+    ref, ours = decoder_pair
+    prompt = {"point_coords": POINTS[:1], "point_labels": LABELS[:1]}
+    before = ours.predict(**prompt)
+    other = torch.randn(1, 256, 64, 64, generator=torch.Generator().manual_seed(8))
+    ours.set_embedding(other, original_size=ref.original_size)
+    saved = ref.features
+    try:
+        ref.features = other
+        _assert_same_prediction(ref.predict(**prompt), ours.predict(**prompt))
+        assert not np.allclose(before[2], ours.predict(**prompt)[2])
+    finally:
+        ref.features = saved
+        ours.set_embedding(saved.clone(), original_size=ref.original_size)
+    _assert_same_prediction(ref.predict(**prompt), ours.predict(**prompt))
+
+
+def test_decoder_uses_matrix_upscaling(decoder_pair):
+    from medico_adapters import predictor as module
+
+    _, ours = decoder_pair
+    assert module._upscaling_weights(ours.model.mask_decoder.output_upscaling) is not None
+
+
 def test_segment_anything_itself_is_not_patched(exact):
     from segment_anything.modeling.image_encoder import Attention
 

@@ -297,6 +297,31 @@ class LayersChangeCompat(VisitorBasedCodemodCommand):
         return cst.parse_statement(f"for _layers_event in ({events}):\n    _layers_event.connect({handler})\n")
 
 
+class PointsBorderColorCompat(VisitorBasedCodemodCommand):
+    """Pass ``border_color`` to ``add_points``: napari 0.6 removed its ``edge_color`` alias.
+
+    Before::
+
+        self.viewer.add_points(data=p, face_color=c, edge_color="white")
+
+    After::
+
+        self.viewer.add_points(data=p, face_color=c, border_color="white")
+    """
+
+    DESCRIPTION = "Rename add_points(edge_color=...) to border_color (napari >= 0.5 name)."
+    REQUIRED = False  # early releases draw no points layer
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        if not m.matches(updated.func, m.Attribute(attr=m.Name("add_points"))):
+            return updated
+        args = [
+            a.with_changes(keyword=cst.Name("border_color")) if m.matches(a.keyword, m.Name("edge_color")) else a
+            for a in updated.args
+        ]
+        return updated.with_changes(args=args)
+
+
 def _napari_version() -> tuple[int, ...] | None:
     if importlib.util.find_spec("napari") is None:
         return None
@@ -361,7 +386,7 @@ class NapariSamAdapter(Adapter):
 
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
         widget = layout.files[0]
-        compat = [Step(widget, LayersChangeCompat)] if options.get("napari_compat") else []
+        compat = [Step(widget, LayersChangeCompat), Step(widget, PointsBorderColorCompat)] if options.get("napari_compat") else []
         if layout.name == "N3":
             return [
                 Step(widget, AddSamModelsEntry, {"entries": entries}),
@@ -394,7 +419,7 @@ class NapariSamAdapter(Adapter):
         return Path.home() / CACHE_SUBDIR / entry.filename
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
-        return ["napari>=0.6.2 layers_change compat"] if options.get("napari_compat") else []
+        return ["napari>=0.6.2 compat (layers_change, add_points border_color)"] if options.get("napari_compat") else []
 
 
 ADAPTER = NapariSamAdapter()
