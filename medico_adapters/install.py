@@ -88,8 +88,9 @@ def _napari_version(python: str) -> tuple[int, ...] | None:
 
 
 def _pip(python: str, requirements: list[str]) -> None:
-    print(f"installing {' '.join(requirements)} into {python}", flush=True)
-    _run([python, "-m", "pip", "install", *requirements], f"pip install {' '.join(requirements)}")
+    """pip's own progress goes to stderr, so ``--json`` keeps stdout to one object."""
+    print(f"installing {' '.join(requirements)} into {python}", file=sys.stderr, flush=True)
+    _run([python, "-m", "pip", "install", *requirements], f"pip install {' '.join(requirements)}", stdout=sys.stderr)
 
 
 def _package_dir(python: str, packages: tuple[str, ...]) -> Path:
@@ -157,8 +158,8 @@ def _install_git_tool(tool: str, args: dict) -> dict:
         root = Path(args["dest"] or spec["url"].rsplit("/", 1)[1])
         if root.exists():
             raise PatchError(f"{root}: already exists; pass --path {root} to patch it, or another --dest")
-        _run(["git", "clone", spec["url"], str(root)], f"git clone {spec['url']}")
-        _run(["git", "-C", str(root), "checkout", "-q", ref], f"git checkout {ref}")
+        _run(["git", "clone", spec["url"], str(root)], f"git clone {spec['url']}", stdout=sys.stderr)
+        _run(["git", "-C", str(root), "checkout", "-q", ref], f"git checkout {ref}", stdout=sys.stderr)
     result = patching.patch(get_adapter(tool), root, checkpoint=args["checkpoint"], name=args["name"], options=args["options"])
     report = result.as_dict()
     report["message"] = f"{tool} at {root} patched (layout {result.layout}){note}"
