@@ -36,10 +36,8 @@ ADAPTERS = {
 #: variants per layout: a quick default (the transforms take 0.3-2 s per variant), or
 #: MEDICO_FUZZ_VARIANTS=<n> for a long run; MEDICO_FUZZ_IDEMPOTENCE=<k> re-patches every k-th result.
 FULL = int(os.environ.get("MEDICO_FUZZ_VARIANTS", "0"))
-COUNTS = {"N1": 10, "N2": 10, "N3": 8, "S2": 6, "S3": 6, "S4": 6, "samm-server": 12, "W1": 10, "W2": 8}
+COUNTS = {"N1": 24, "N2": 24, "N3": 24, "S2": 20, "S3": 20, "S4": 20, "samm-server": 24, "W1": 24, "W2": 24}
 IDEMPOTENCE_EVERY = int(os.environ.get("MEDICO_FUZZ_IDEMPOTENCE", "3"))
-#: (layout, index) -> reason, for variants a transform is known to break (xfail(strict=True))
-KNOWN_BUGS: dict[tuple[str, int], str] = {}
 
 RESULTS: dict[str, Counter] = defaultdict(Counter)
 MUTATION_RESULTS: dict[str, Counter] = defaultdict(Counter)
@@ -346,8 +344,6 @@ def test_fuzz_layout(layout, tmp_path):
     start = time.perf_counter()
     failures = []
     for i in range(FULL or COUNTS[layout]):
-        if (layout, i) in KNOWN_BUGS:
-            continue
         v = variants.variant(layout, i)
         try:
             outcome, reason = attempt(v, tmp_path / str(i))
@@ -362,15 +358,6 @@ def test_fuzz_layout(layout, tmp_path):
     for line in REFUSALS[layout]:
         print("  refused", line)
     assert not failures, "broken patches:\n" + "\n".join(failures)
-
-
-@pytest.mark.parametrize(
-    "layout,index",
-    [pytest.param(lay, i, marks=pytest.mark.xfail(strict=True, reason=why)) for (lay, i), why in KNOWN_BUGS.items()]
-    or [pytest.param(None, None, marks=pytest.mark.skip(reason="no known broken variants"))],
-)
-def test_fuzz_known_bugs(layout, index, tmp_path):
-    attempt(variants.variant(layout, index), tmp_path)
 
 
 def test_fuzz_summary():
