@@ -1,13 +1,17 @@
 """The SlicerSegmentWithSAM adapter on a real checkout: ``MEDICO_SLICER_SWS_SRC=/path pytest integration``.
 
-The checkout is copied to tmp, patched, re-patched and unpatched byte for byte; the patched module is
-parsed and its MedicoSAM branch (W2) or hard-wired model (W1) checked.
+The checkout is copied to tmp, patched, re-patched and unpatched byte for byte. For W2 the real
+patched module runs outside Slicer (light stand-ins for its GUI modules, the real segment_anything
+and torch) and its own ``changeModel("MedicoSAM (ViT-B)")`` builds the predictor; for W1 the
+hard-wired model attributes are checked.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -37,6 +41,7 @@ def test_real_checkout(tmp_path):
     if result.layout == "W2":
         assert 'addItem("MedicoSAM (ViT-B)")' in text and 'modelName == "MedicoSAM (ViT-B)"' in text
         assert Path(result.placed[0]) == root / "model_checkpoints" / "vit_b_medicosam.pt"
+        _run_change_model(root, text, ckpt)
     else:
         assert 'self.modelName = "vit_b_medicosam.pt"' in text
         assert Path(result.placed[0]) == root / "vit_b_medicosam.pt"
@@ -44,3 +49,46 @@ def test_real_checkout(tmp_path):
     assert status(slicer_sws.ADAPTER, root)["patched"]
     unpatch(slicer_sws.ADAPTER, root)
     assert _snapshot(root) == before
+
+
+def _run_change_model(root: Path, text: str, ckpt: Path) -> None:
+    """Execute the real patched module and its own changeModel, as Slicer would on selection."""
+    from segment_anything import SamPredictor, sam_model_registry
+
+    module_dir = root / "SegmentWithSAM"
+
+    class Widget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def resourcePath(self, name):
+            return str(module_dir / "Resources" / name)
+
+    slicer = types.ModuleType("slicer")
+    loadable = types.ModuleType("slicer.ScriptedLoadableModule")
+    loadable.ScriptedLoadableModule = loadable.ScriptedLoadableModuleWidget = loadable.ScriptedLoadableModuleLogic = Widget
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = type("VTKObservationMixin", (), {})
+    stand_ins = {"slicer": slicer, "slicer.ScriptedLoadableModule": loadable, "slicer.util": util,
+                 "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "SampleData": types.ModuleType("SampleData")}
+    saved = {name: sys.modules.get(name) for name in stand_ins}
+    sys.modules.update(stand_ins)
+    try:
+        namespace: dict = {"__name__": "SegmentWithSAM"}
+        exec(compile(text, str(module_dir / "SegmentWithSAM.py"), "exec"), namespace)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+    # what the widget's __init__ puts in place before any model is chosen
+    namespace.update(sam_model_registry=sam_model_registry, SamPredictor=SamPredictor, torch=torch)
+    widget = object.__new__(namespace["SegmentWithSAMWidget"])
+    widget.device = torch.device("cpu")
+    widget.checkpointFolder = widget.resourcePath("UI") + "/../../../model_checkpoints/"
+    widget.changeModel("MedicoSAM (ViT-B)")
+    expected = torch.load(ckpt, weights_only=True)
+    loaded = widget.sam.model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+    assert Path(widget.modelCheckpoint).resolve() == root / "model_checkpoints" / "vit_b_medicosam.pt"
