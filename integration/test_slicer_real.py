@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ import torch
 
 from medico_adapters.adapters import slicer_sws
 from medico_adapters.patching import patch, status, unpatch
+from tests.helpers import slicer_stand_ins
 
 SRC = os.environ.get("MEDICO_SLICER_SWS_SRC")
 pytestmark = pytest.mark.skipif(not SRC, reason="set MEDICO_SLICER_SWS_SRC to a SlicerSegmentWithSAM checkout to run")
@@ -28,7 +27,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*.py"))}
 
 
-def test_real_checkout(tmp_path):
+def test_real_checkout(tmp_path, monkeypatch):
     from segment_anything import build_sam_vit_b
 
     root = tmp_path / "sws"
@@ -41,7 +40,7 @@ def test_real_checkout(tmp_path):
     if result.layout == "W2":
         assert 'addItem("MedicoSAM (ViT-B)")' in text and 'modelName == "MedicoSAM (ViT-B)"' in text
         assert Path(result.placed[0]) == root / "model_checkpoints" / "vit_b_medicosam.pt"
-        _run_change_model(root, text, ckpt)
+        _run_change_model(root, text, ckpt, monkeypatch)
     else:
         assert 'self.modelName = "vit_b_medicosam.pt"' in text
         assert Path(result.placed[0]) == root / "vit_b_medicosam.pt"
@@ -51,37 +50,15 @@ def test_real_checkout(tmp_path):
     assert _snapshot(root) == before
 
 
-def _run_change_model(root: Path, text: str, ckpt: Path) -> None:
+def _run_change_model(root: Path, text: str, ckpt: Path, monkeypatch) -> None:
     """Execute the real patched module and its own changeModel, as Slicer would on selection."""
     from segment_anything import SamPredictor, sam_model_registry
 
     module_dir = root / "SegmentWithSAM"
-
-    class Widget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-        def resourcePath(self, name):
-            return str(module_dir / "Resources" / name)
-
-    slicer = types.ModuleType("slicer")
-    loadable = types.ModuleType("slicer.ScriptedLoadableModule")
-    loadable.ScriptedLoadableModule = loadable.ScriptedLoadableModuleWidget = loadable.ScriptedLoadableModuleLogic = Widget
-    util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = type("VTKObservationMixin", (), {})
-    stand_ins = {"slicer": slicer, "slicer.ScriptedLoadableModule": loadable, "slicer.util": util,
-                 "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "SampleData": types.ModuleType("SampleData")}
-    saved = {name: sys.modules.get(name) for name in stand_ins}
-    sys.modules.update(stand_ins)
-    try:
+    with monkeypatch.context() as patched:
+        slicer_stand_ins(patched, module_dir)
         namespace: dict = {"__name__": "SegmentWithSAM"}
         exec(compile(text, str(module_dir / "SegmentWithSAM.py"), "exec"), namespace)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
     # what the widget's __init__ puts in place before any model is chosen
     namespace.update(sam_model_registry=sam_model_registry, SamPredictor=SamPredictor, torch=torch)
     widget = object.__new__(namespace["SegmentWithSAMWidget"])

@@ -64,6 +64,7 @@ class Placement:
     entry: Entry
     target: Path
     write: Callable[[Path], Path] | None = None
+    sha256: str | None = None  # of the staged file, once written
 
 
 @dataclass
@@ -310,7 +311,7 @@ def _commit(root: Path, action: str, stage: list, ops: list[dict], step: _Steps)
     step()
 
 
-def commit_patch(plan: Plan, *, checkpoint_sha: Callable[[Path], str] = sha256_file) -> dict:
+def commit_patch(plan: Plan) -> dict:
     """Write ``plan`` all-or-nothing and return the new manifest."""
     root = plan.root
     state = root / STATE_DIR
@@ -373,7 +374,7 @@ def commit_patch(plan: Plan, *, checkpoint_sha: Callable[[Path], str] = sha256_f
     _stage_only(root, stage, step)
     for placement in plan.placements:
         tmp = placement.target.with_name(placement.target.name + TMP_SUFFIX)
-        checkpoints[str(placement.target)]["sha256"] = checkpoint_sha(tmp)
+        checkpoints[str(placement.target)]["sha256"] = placement.sha256 or sha256_file(tmp)
     manifest_tmp = state / (MANIFEST + TMP_SUFFIX)
     ops.append({"kind": "replace", "target": str(state / MANIFEST), "tmp": str(manifest_tmp)})
     _commit(root, "patch", [(manifest_tmp, _finish_manifest(manifest))], ops, step)
@@ -436,10 +437,3 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[s
     _commit(root, "unpatch", stage, ops, step)
     return restored
 
-
-def discard_stale_tmps(paths: list[Path]) -> None:
-    """Remove temporary files a run killed before its journal left behind."""
-    for path in paths:
-        tmp = path.with_name(path.name + TMP_SUFFIX)
-        if tmp.exists():
-            tmp.unlink()

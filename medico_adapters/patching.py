@@ -157,9 +157,7 @@ def plan_patch(
                 validate(tree, layout, entry)
             entries.append(entry)
         target = adapter.checkpoint_path(tree, layout, entry, merged_options)
-        record = manifest.get("checkpoints", {}).get(str(target))
-        in_place = record is not None and target.is_file() and engine.sha256_file(target) == record.get("sha256")
-        if checkpoint is not None or not in_place:
+        if checkpoint is not None or not _in_place(manifest, target):
             placements.append(engine.Placement(entry, target, _writer(loaded, checkpoint, entry, target, trust)))
 
     files = transform_files(adapter, tree, layout, entries, merged_options)
@@ -184,6 +182,12 @@ def plan_patch(
     return plan, tree, layout
 
 
+def _in_place(manifest: dict, target: Path) -> bool:
+    """The checkpoint the manifest recorded at ``target`` is still there, unchanged."""
+    record = manifest.get("checkpoints", {}).get(str(target))
+    return record is not None and target.is_file() and engine.sha256_file(target) == record.get("sha256")
+
+
 def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
     """Export every checkpoint before touching the tree, so a bad file fails first and alone.
 
@@ -197,9 +201,9 @@ def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
             engine.record_staging(plan.root, [tmp])
             placement.write(tmp)
             temps.append(tmp)
+            placement.sha256 = engine.sha256_file(tmp)
             record = manifest.get("checkpoints", {}).get(str(placement.target))
-            if record and placement.target.is_file() and engine.sha256_file(placement.target) == record.get("sha256") \
-                    and engine.sha256_file(tmp) == record["sha256"]:
+            if record and placement.sha256 == record.get("sha256") and _in_place(manifest, placement.target):
                 tmp.unlink()
                 continue
             placement.write = None  # already at its staging path
@@ -230,7 +234,6 @@ def patch(
         with engine.locked(root):
             recovered = engine.recover(root)
             plan, tree, layout = plan_patch(adapter, root, checkpoint=checkpoint, name=name, options=options, trust=trust)
-            engine.discard_stale_tmps([tree.path(rel) for rel in layout.files])
             temps = _materialize_placements(plan, tree.manifest or {})
             try:
                 if not plan.empty:

@@ -6,6 +6,7 @@ import importlib
 import shutil
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import libcst as cst
@@ -54,3 +55,41 @@ def import_fresh(package_parent: Path, module: str):
         return importlib.import_module(module)
     finally:
         sys.path.remove(str(package_parent))
+
+
+class FakeViewer:
+    """What the napari-sam fixture widgets touch of a viewer: one event to connect to."""
+
+    class events:
+        class layers_change:
+            @staticmethod
+            def connect(f):
+                pass
+
+
+def slicer_stand_ins(monkeypatch, module_dir: Path) -> None:
+    """Just enough of Slicer's modules for SegmentWithSAM's module, constructor and changeModel."""
+
+    class Widget:
+        def __init__(self, parent=None):
+            self.parent = parent
+
+        def resourcePath(self, name):
+            return str(module_dir / "Resources" / name)
+
+    class Mixin:
+        def __init__(self):
+            pass
+
+    slicer = types.ModuleType("slicer")
+    slicer.util = types.SimpleNamespace(VTKObservationMixin=Mixin, confirmOkCancelDisplay=lambda *a: False)
+    loadable = types.ModuleType("slicer.ScriptedLoadableModule")
+    loadable.ScriptedLoadableModule = loadable.ScriptedLoadableModuleWidget = loadable.ScriptedLoadableModuleLogic = Widget
+    util = types.ModuleType("slicer.util")
+    util.VTKObservationMixin = Mixin
+    for name, module in {
+        "slicer": slicer, "slicer.ScriptedLoadableModule": loadable, "slicer.util": util,
+        "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "ctk": types.ModuleType("ctk"),
+        "SampleData": types.ModuleType("SampleData"),
+    }.items():
+        monkeypatch.setitem(sys.modules, name, module)

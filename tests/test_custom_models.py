@@ -7,15 +7,7 @@ import torch
 
 from medico_adapters import patching
 from medico_adapters.adapters.napari_sam import ADAPTER
-from tests.helpers import copy_fixture, import_fresh, snapshot
-
-
-class _Viewer:
-    class events:
-        class layers_change:
-            @staticmethod
-            def connect(f):
-                pass
+from tests.helpers import FakeViewer, copy_fixture, import_fresh, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +31,7 @@ def test_vit_l_entry_beside_medicosam_loads_through_widget_code(tmp_path, checkp
     assert result.entries[1].arch == "vit_l" and result.entries[1].filename == "vit_l_lung_vit_l.pt"
 
     widget_module = import_fresh(root / "src", "napari_sam._widget")
-    widget = widget_module.SamWidget(_Viewer())
+    widget = widget_module.SamWidget(FakeViewer())
     names = widget.model_names()
     assert names[-2:] == ["MedicoSAM", "Lung ViT-L"]
     widget._load_model(names.index("Lung ViT-L"))

@@ -13,7 +13,14 @@ from medico_adapters.adapters.napari_sam import (
 )
 from medico_adapters.engine import Entry
 from medico_adapters.errors import LayoutError, PatchError
-from tests.helpers import check_noop, check_transformed, copy_fixture, import_fresh, snapshot
+from tests.helpers import (
+    FakeViewer,
+    check_noop,
+    check_transformed,
+    copy_fixture,
+    import_fresh,
+    snapshot,
+)
 
 MEDICO = [Entry("MedicoSAM", "vit_b", "vit_b_medicosam.pt", default=True)]
 
@@ -207,7 +214,7 @@ def test_patch_loads_medicosam_through_the_widget_code(layout, tmp_path, checkpo
 
     pkg_parent = root / LAYOUTS[layout][1].rpartition("/")[0] if "/" in LAYOUTS[layout][1] else root
     widget_mod = import_fresh(pkg_parent, "napari_sam._widget")
-    widget = widget_mod.SamWidget(viewer=_FakeViewer())
+    widget = widget_mod.SamWidget(viewer=FakeViewer())
     names = widget.model_names()
     assert names[-1] == "MedicoSAM" and "vit_b" in names
     widget._load_model(names.index("MedicoSAM"))
@@ -225,14 +232,6 @@ def test_patch_loads_medicosam_through_the_widget_code(layout, tmp_path, checkpo
 
     patching.unpatch(ADAPTER, root)
     assert snapshot(root) == before
-
-
-class _FakeViewer:
-    class events:
-        class layers_change:
-            @staticmethod
-            def connect(f):
-                pass
 
 
 def test_dry_run_writes_nothing(tmp_path):

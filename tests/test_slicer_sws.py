@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_noop, check_transformed, copy_fixture, snapshot, transformed
+from helpers import (
+    check_noop,
+    check_transformed,
+    copy_fixture,
+    slicer_stand_ins,
+    snapshot,
+    transformed,
+)
 
 from medico_adapters.adapters.slicer_sws import (
     ADAPTER,
@@ -198,41 +203,13 @@ def test_patch_repatch_status_unpatch(layout, tmp_path, checkpoints):
 # --- the patched module really loads the weights ------------------------------------------------
 
 
-def _slicer_stand_ins(monkeypatch, module_dir: Path) -> None:
-    """Just enough of Slicer's modules for the widget's constructor and changeModel."""
-
-    class Widget:
-        def __init__(self, parent=None):
-            self.parent = parent
-
-        def resourcePath(self, name):
-            return str(module_dir / "Resources" / name)
-
-    class Mixin:
-        def __init__(self):
-            pass
-
-    slicer = types.ModuleType("slicer")
-    slicer.util = types.SimpleNamespace(VTKObservationMixin=Mixin, confirmOkCancelDisplay=lambda *a: False)
-    loadable = types.ModuleType("slicer.ScriptedLoadableModule")
-    loadable.ScriptedLoadableModule, loadable.ScriptedLoadableModuleWidget = Widget, Widget
-    util = types.ModuleType("slicer.util")
-    util.VTKObservationMixin = Mixin
-    for name, module in {
-        "slicer": slicer, "slicer.ScriptedLoadableModule": loadable, "slicer.util": util,
-        "qt": types.ModuleType("qt"), "vtk": types.ModuleType("vtk"), "ctk": types.ModuleType("ctk"),
-        "SampleData": types.ModuleType("SampleData"),
-    }.items():
-        monkeypatch.setitem(sys.modules, name, module)
-
-
 def test_patched_w2_change_model_loads_medicosam(tmp_path, checkpoints, vit_b_state, monkeypatch):
     root = copy_fixture("slicer_sws/W2", tmp_path)
     (root / "SegmentWithSAM/Resources/UI").mkdir(parents=True)  # resourcePath("UI") exists in a real module
     (root / "model_checkpoints").mkdir()
     (root / "model_checkpoints/sam_vit_b_01ec64.pth").touch()  # so start-up offers no download
     patch(ADAPTER, root, checkpoint=checkpoints["plain"])
-    _slicer_stand_ins(monkeypatch, root / "SegmentWithSAM")
+    slicer_stand_ins(monkeypatch, root / "SegmentWithSAM")
     namespace: dict = {"__name__": "SegmentWithSAM"}
     exec(compile((root / MODULE).read_text(), str(root / MODULE), "exec"), namespace)
     widget = namespace["SegmentWithSAMWidget"]()
