@@ -18,7 +18,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from medico_adapters import fsio
 from medico_adapters.errors import CheckpointError, UnsafeCheckpointError
 
 #: embed dim and depth of each SAM-1 image encoder.
@@ -198,10 +198,7 @@ def expected_shapes(arch: str) -> dict[str, tuple[int, ...]]:
         model = sam_model_registry[arch]()
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(shapes), "utf-8")
-        os.replace(tmp, cached)
+        fsio.write_text(cached, json.dumps(shapes))
     except OSError:
         pass  # a read-only cache only costs the import next time
     return shapes
@@ -276,22 +273,10 @@ def require_loadable(ckpt: Checkpoint, expect_arch: str | None = None) -> None:
         raise CheckpointError(f"{info.path}: the weights are {info.arch}, but {expect_arch} was asked for")
 
 
-def _atomic_save(obj, out: Path, tmp: Path | None = None) -> Path:
+def _save_staged(obj, out: Path, tmp: Path | None = None) -> Path:
     """Save to a temporary file beside ``out`` (or at ``tmp``); return it for the caller to rename."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    if tmp is None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    else:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return Path(tmp)
+    return fsio.write_file(tmp or fsio.temp_path(out, unique=True), lambda f: torch.save(obj, f))
 
 
 def plain_state_dict(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
@@ -319,20 +304,22 @@ def export_checkpoint(
     out = Path(out)
     if out.is_dir():
         raise CheckpointError(f"{out}: is a directory; give a file name for the exported checkpoint")
-    pending = [(_atomic_save(plain_state_dict(ckpt), out), out)]
+    pending = [(_save_staged(plain_state_dict(ckpt), out), out)]
     try:
         if decoder_out is not None:
             decoder = {k: (v.detach().to("cpu") if isinstance(v, torch.Tensor) else v) for k, v in ckpt.decoder_state.items()}
-            pending.append((_atomic_save(decoder, Path(decoder_out)), Path(decoder_out)))
+            pending.append((_save_staged(decoder, Path(decoder_out)), Path(decoder_out)))
+        for tmp, final in pending:
+            fsio.replace(tmp, final)
     except BaseException:
         for tmp, _ in pending:
             tmp.unlink(missing_ok=True)
         raise
-    for tmp, final in pending:
-        os.replace(tmp, final)
+    for _, final in pending:
+        fsio.fsync_dir(final.parent)
     return ckpt.info
 
 
 def write_plain(ckpt: Checkpoint, out: Path, tmp: Path | None = None) -> Path:
     """Save the plain state dict to a temporary file beside ``out`` (or ``tmp``) and return it."""
-    return _atomic_save(plain_state_dict(ckpt), out, tmp)
+    return _save_staged(plain_state_dict(ckpt), out, tmp)

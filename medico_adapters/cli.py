@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from medico_adapters import __version__
 from medico_adapters.errors import MedicoError
@@ -383,10 +385,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: options naming files or folders: made absolute before any command runs, so that what the
+#: manifest records, and what ``status``/``unpatch`` read back later, never depends on the cwd.
+PATH_OPTIONS = ("path", "model_dir", "checkpoint", "dest")
+
+
+def _absolute_paths(args) -> None:
+    for key in PATH_OPTIONS:
+        value = getattr(args, key, None)
+        if value:
+            setattr(args, key, str(Path(value).expanduser().resolve()))
+    python = getattr(args, "python", None)
+    if python:
+        args.python = _interpreter(python)
+
+
+def _interpreter(value: str) -> str:
+    """``--python``: a path (kept unresolved: a venv's python is a symlink to its base) or a
+    command name found on PATH."""
+    path = Path(value).expanduser()
+    if path.parent != Path() or path.is_file():
+        return str(path.absolute())
+    found = shutil.which(value)
+    if found is None:
+        raise MedicoError(f"--python {value}: no such interpreter (not a file, not on PATH)")
+    return str(Path(found).absolute())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _absolute_paths(args)
         return args.func(args)
     except MedicoError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medico_adapters import __version__, phantom
+from medico_adapters import __version__, fsio, phantom
 from medico_adapters.errors import MedicoError
 
 NAPARI_HINT = 'pip install "napari==0.5.6" pyqt5 napari-sam'
@@ -484,8 +484,8 @@ def run(
             outputs["screenshot"] = str(shot_path)
         report["outputs"] = outputs
         report["temp_dir"] = str(tmp) if keep_temp else None
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (out / "report.md").write_text(markdown(report))
+        fsio.write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        fsio.write_text(out / "report.md", markdown(report))
         return report
     finally:
         from medico_adapters.adapters.napari_sam import PACKAGES

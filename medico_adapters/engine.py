@@ -7,33 +7,40 @@ State lives in ``<root>/.medico-adapters/``:
 * ``backup/<relpath>`` -- the original bytes of every changed file;
 * ``journal.json`` -- present only while a commit is under way: every staged temporary file is
   complete and fsynced before the journal appears, so an interrupted run is rolled forward by the
-  next ``patch``/``unpatch``/``status`` (and without a journal, staged files are just removed);
-* ``lock`` -- an ``flock`` so that two runs on one tree serialise.
+  next ``patch``/``unpatch``/``status`` (and without a journal, staged files are just removed).
+
+Paths in the manifest, the journal and the staging list are relative to the tree root (POSIX
+separators), so the tree can be inspected, restored or recovered from any working folder, and
+moved as a whole. Only places outside the tree (napari-sam's cache, say) are stored absolute.
+
+Two runs on one tree serialise on a ``filelock`` kept in the kit's cache, named after the tree's
+resolved path: ``unpatch`` removes the state folder, so the lock cannot live there. All writing
+goes through :mod:`medico_adapters.fsio`, which is where Linux, macOS and Windows differ.
 """
 
 from __future__ import annotations
 
 import contextlib
 import difflib
-import errno
 import hashlib
 import json
 import os
 import shutil
 import signal
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from medico_adapters import __version__
+import filelock
+
+from medico_adapters import __version__, fsio
 from medico_adapters.errors import PatchError
 
 STATE_DIR = ".medico-adapters"
 MANIFEST = "manifest.json"
 JOURNAL = "journal.json"
 STAGING = "staging.json"
-TMP_SUFFIX = ".medico-adapters.tmp"
+TMP_SUFFIX = fsio.TMP_SUFFIX
 ORIG_SUFFIX = ".medico-adapters.orig"
 LOCK_TIMEOUT_ENV = "MEDICO_ADAPTERS_LOCK_TIMEOUT"
 #: test hook: ``kill -9`` ourselves at the N-th commit step (see tests/test_faults.py).
@@ -105,12 +112,21 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+sha256_file = fsio.sha256_file
+
+
+def path_key(root: Path, path: Path) -> str:
+    """How the state files name ``path``: relative to the tree root when inside it, else absolute."""
+    path = Path(path)
+    try:
+        return PurePosixPath(*path.relative_to(root).parts).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def key_path(root: Path, key: str) -> Path:
+    """The path a state-file key names (absolute keys, as older manifests wrote, stay as they are)."""
+    return Path(root) / key
 
 
 class Tree:
@@ -152,24 +168,6 @@ def read_manifest(root: Path) -> dict | None:
     return data
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 class _Steps:
     """Counts commit steps; the test hook kills the process at a chosen one."""
 
@@ -181,37 +179,41 @@ class _Steps:
     def __call__(self) -> None:
         self.n += 1
         if self.kill_at is not None and self.n == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+def lock_path(root: Path) -> Path:
+    """The lock file for a tree: in the kit's cache, so ``unpatch`` never deletes it mid-run."""
+    from medico_adapters.registry import cache_dir
+
+    digest = hashlib.sha256(os.path.normcase(str(Path(root).resolve())).encode("utf-8")).hexdigest()[:24]
+    return cache_dir() / "locks" / f"{digest}.lock"
 
 
 @contextlib.contextmanager
 def locked(root: Path) -> Iterator[None]:
-    """Hold an ``flock`` on the tree's state folder; a second run waits
-    (up to $MEDICO_ADAPTERS_LOCK_TIMEOUT seconds, default 120), then refuses."""
-    import fcntl
-
+    """Hold the tree's lock; a second run waits (up to $MEDICO_ADAPTERS_LOCK_TIMEOUT seconds,
+    default 120), then refuses."""
     state = Path(root) / STATE_DIR
+    lock = lock_path(root)
     try:
-        state.mkdir(exist_ok=True)
+        lock.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PatchError(f"{state}: cannot create the kit's state folder ({e.strerror})") from None
-    fd = os.open(state, os.O_RDONLY)
-    deadline = time.monotonic() + float(os.environ.get(LOCK_TIMEOUT_ENV, "120"))
+        raise PatchError(f"{lock.parent}: cannot create the kit's lock folder ({e.strerror})") from None
     try:
-        while True:
+        with filelock.FileLock(lock, timeout=float(os.environ.get(LOCK_TIMEOUT_ENV, "120"))):
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
+                state.mkdir(exist_ok=True)
             except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES) or time.monotonic() > deadline:
-                    raise PatchError(f"{root}: another medico-adapters run is patching this tree") from None
-                time.sleep(0.05)
-        yield
-    finally:
-        # A tree that ends unpatched keeps no state folder (removed while still locked).
-        if not (state / MANIFEST).exists() and not (state / JOURNAL).exists():
-            shutil.rmtree(state, ignore_errors=True)
-        os.close(fd)
+                raise PatchError(f"{state}: cannot create the kit's state folder ({e.strerror})") from None
+            try:
+                yield
+            finally:
+                # A tree that ends unpatched keeps no state folder (removed while still locked).
+                if not (state / MANIFEST).exists() and not (state / JOURNAL).exists():
+                    shutil.rmtree(state, ignore_errors=True)
+    except filelock.Timeout:
+        raise PatchError(f"{root}: another medico-adapters run is patching this tree") from None
 
 
 def check_target(root: Path, rel: str) -> Path:
@@ -228,6 +230,13 @@ def check_target(root: Path, rel: str) -> Path:
 
 
 # --- the journal -----------------------------------------------------------------------------
+# Every path in the journal and the staging list is a key (see ``path_key``), resolved against the
+# tree root only when used, so a run from another working folder finishes the same commit.
+
+
+def _write_state(path: Path, data: bytes) -> None:
+    """State files use a fixed temporary name, so a killed write leaves nothing new behind."""
+    fsio.atomic_write(path, data, tmp=fsio.temp_path(path))
 
 
 def recover(root: Path) -> str | None:
@@ -241,17 +250,15 @@ def recover(root: Path) -> str | None:
     if not journal_path.exists():
         staging = state / STAGING
         if staging.exists():
-            for tmp in _read_json(staging, default=[]):
-                Path(tmp).unlink(missing_ok=True)
-            staging.unlink()
+            for key in _read_json(staging, default=[]):
+                fsio.remove(key_path(root, key))
+            fsio.remove(staging)
         return None
     journal = _read_json(journal_path, default=None)
     if journal is None:
         raise PatchError(f"{journal_path}: damaged journal; inspect the tree by hand")
-    _roll_forward(journal, _Steps())
-    journal_path.unlink()
-    (state / STAGING).unlink(missing_ok=True)
-    _fsync_dir(state)
+    _roll_forward(root, journal, _Steps())
+    _finish_commit(state)
     return journal.get("action", "commit")
 
 
@@ -266,34 +273,40 @@ def record_staging(root: Path, paths: list[Path]) -> None:
     """Note temporary files before creating them, so a killed run's leftovers can be removed."""
     staging = Path(root) / STATE_DIR / STAGING
     known = _read_json(staging, default=[]) if staging.exists() else []
-    _atomic_write(staging, json.dumps(sorted(set(known) | {str(p) for p in paths})).encode())
+    _write_state(staging, json.dumps(sorted(set(known) | {path_key(root, p) for p in paths})).encode())
 
 
-def _roll_forward(journal: dict, step: _Steps) -> None:
+def _roll_forward(root: Path, journal: dict, step: _Steps) -> None:
     for op in journal["ops"]:
-        target = Path(op["target"])
+        target = key_path(root, op["target"])
         if op["kind"] == "replace":
-            tmp = Path(op["tmp"])
+            tmp = key_path(root, op["tmp"])
             if tmp.exists():
                 if op.get("keep_old"):
-                    old = Path(op["keep_old"])
+                    old = key_path(root, op["keep_old"])
                     if target.exists() and not old.exists():
-                        os.replace(target, old)
+                        fsio.replace(target, old)
                         step()
-                os.replace(tmp, target)
+                fsio.replace(tmp, target)
                 step()
         elif op["kind"] == "remove":
             if target.is_dir():
                 shutil.rmtree(target)
                 step()
             elif target.exists():
-                target.unlink()
+                fsio.remove(target)
                 step()
         elif op["kind"] == "restore":  # move a kept-aside file back
-            src = Path(op["source"])
+            src = key_path(root, op["source"])
             if src.exists():
-                os.replace(src, target)
+                fsio.replace(src, target)
                 step()
+
+
+def _finish_commit(state: Path) -> None:
+    fsio.remove(state / JOURNAL)
+    fsio.remove(state / STAGING)
+    fsio.fsync_dir(state)
 
 
 def _commit(root: Path, action: str, stage: list, ops: list[dict], step: _Steps) -> None:
@@ -301,14 +314,15 @@ def _commit(root: Path, action: str, stage: list, ops: list[dict], step: _Steps)
     state = root / STATE_DIR
     state.mkdir(exist_ok=True)
     _stage_only(root, stage, step)
-    _atomic_write(state / JOURNAL, json.dumps({"action": action, "ops": ops}, indent=1).encode())
-    _fsync_dir(state)
+    _write_state(state / JOURNAL, json.dumps({"action": action, "ops": ops}, indent=1).encode())
     step()
-    _roll_forward({"ops": ops}, step)
-    (state / JOURNAL).unlink()
-    (state / STAGING).unlink(missing_ok=True)
-    _fsync_dir(state)
+    _roll_forward(root, {"ops": ops}, step)
+    _finish_commit(state)
     step()
+
+
+def _replace_op(root: Path, target: Path, tmp: Path, **extra: str) -> dict:
+    return {"kind": "replace", "target": path_key(root, target), "tmp": path_key(root, tmp), **extra}
 
 
 def commit_patch(plan: Plan) -> dict:
@@ -325,36 +339,37 @@ def commit_patch(plan: Plan) -> dict:
         real = check_target(root, rel)
         if rel not in files:
             backup = state / "backup" / rel
-            stage.append((backup.with_name(backup.name + TMP_SUFFIX), plan.originals[rel]))
-            ops.append({"kind": "replace", "target": str(backup), "tmp": str(backup.with_name(backup.name + TMP_SUFFIX))})
+            stage.append((fsio.temp_path(backup), plan.originals[rel]))
+            ops.append(_replace_op(root, backup, fsio.temp_path(backup)))
             files[rel] = {"original_sha256": sha256_bytes(plan.originals[rel])}
-        tmp = real.with_name(real.name + TMP_SUFFIX)
+        tmp = fsio.temp_path(real)
         stage.append((tmp, new))
-        ops.append({"kind": "replace", "target": str(real), "tmp": str(tmp)})
+        ops.append(_replace_op(root, real, tmp))
         if new == plan.originals[rel]:
             files.pop(rel)
-            ops.append({"kind": "remove", "target": str(state / "backup" / rel)})
+            ops.append({"kind": "remove", "target": path_key(root, state / "backup" / rel)})
         else:
             files[rel]["patched_sha256"] = sha256_bytes(new)
 
     checkpoints = dict(old.get("checkpoints", {}))
     for placement in plan.placements:
-        target = placement.target
-        tmp = target.with_name(target.name + TMP_SUFFIX)
+        target, key = placement.target, path_key(root, placement.target)
+        tmp = fsio.temp_path(target)
         stage.append((tmp, placement.write))
-        record = checkpoints.get(str(target))
-        op = {"kind": "replace", "target": str(target), "tmp": str(tmp)}
+        record = checkpoints.get(key)
+        extra = {}
         if record is None:
             record = {"entry": placement.entry.name, "preexisting": target.exists()}
             if target.exists():
-                op["keep_old"] = str(target.with_name(target.name + ORIG_SUFFIX))
-        ops.append(op)
-        checkpoints[str(target)] = record
+                extra["keep_old"] = path_key(root, target.with_name(target.name + ORIG_SUFFIX))
+        ops.append(_replace_op(root, target, tmp, **extra))
+        checkpoints[key] = record
     for target in plan.removals:
-        record = checkpoints.pop(str(target), None)
-        ops.append({"kind": "remove", "target": str(target)})
+        key = path_key(root, target)
+        record = checkpoints.pop(key, None)
+        ops.append({"kind": "remove", "target": key})
         if record and record.get("preexisting"):
-            ops.append({"kind": "restore", "target": str(target), "source": str(target.with_name(target.name + ORIG_SUFFIX))})
+            ops.append({"kind": "restore", "target": key, "source": path_key(root, target.with_name(target.name + ORIG_SUFFIX))})
 
     manifest = {
         "tool": plan.tool,
@@ -367,17 +382,14 @@ def commit_patch(plan: Plan) -> dict:
         "checkpoints": checkpoints,
     }
 
-    def _finish_manifest(data: dict) -> bytes:
-        return json.dumps(data, indent=2, sort_keys=True).encode()
-
     # Checkpoint hashes are known only once written, so the manifest is staged last.
     _stage_only(root, stage, step)
     for placement in plan.placements:
-        tmp = placement.target.with_name(placement.target.name + TMP_SUFFIX)
-        checkpoints[str(placement.target)]["sha256"] = placement.sha256 or sha256_file(tmp)
-    manifest_tmp = state / (MANIFEST + TMP_SUFFIX)
-    ops.append({"kind": "replace", "target": str(state / MANIFEST), "tmp": str(manifest_tmp)})
-    _commit(root, "patch", [(manifest_tmp, _finish_manifest(manifest))], ops, step)
+        tmp = fsio.temp_path(placement.target)
+        checkpoints[path_key(root, placement.target)]["sha256"] = placement.sha256 or sha256_file(tmp)
+    manifest_tmp = fsio.temp_path(state / MANIFEST)
+    ops.append(_replace_op(root, state / MANIFEST, manifest_tmp))
+    _commit(root, "patch", [(manifest_tmp, json.dumps(manifest, indent=2, sort_keys=True).encode())], ops, step)
     return manifest
 
 
@@ -393,10 +405,7 @@ def _stage_only(root: Path, stage: list, step: _Steps) -> None:
             elif callable(payload):
                 payload(tmp)
             else:
-                with open(tmp, "wb") as f:
-                    f.write(payload)
-                    f.flush()
-                    os.fsync(f.fileno())
+                fsio.write_file(tmp, payload)
             done.append(tmp)
             step()
     except BaseException:
@@ -423,17 +432,16 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[s
         if not backup.is_file():
             raise PatchError(f"{backup}: backup of a patched file is missing; cannot restore {rel}")
         real = check_target(root, rel)
-        tmp = real.with_name(real.name + TMP_SUFFIX)
+        tmp = fsio.temp_path(real)
         stage.append((tmp, backup.read_bytes()))
-        ops.append({"kind": "replace", "target": str(real), "tmp": str(tmp)})
+        ops.append(_replace_op(root, real, tmp))
         restored.append(rel)
-    for target, record in manifest.get("checkpoints", {}).items():
-        ops.append({"kind": "remove", "target": target})
-        kept = Path(target).with_name(Path(target).name + ORIG_SUFFIX)
+    for key, record in manifest.get("checkpoints", {}).items():
+        ops.append({"kind": "remove", "target": key})
         if record.get("preexisting"):
-            ops.append({"kind": "restore", "target": target, "source": str(kept)})
-    ops.append({"kind": "remove", "target": str(state / MANIFEST)})
-    ops.append({"kind": "remove", "target": str(state / "backup")})
+            kept = key_path(root, key)
+            ops.append({"kind": "restore", "target": key, "source": path_key(root, kept.with_name(kept.name + ORIG_SUFFIX))})
+    ops.append({"kind": "remove", "target": path_key(root, state / MANIFEST)})
+    ops.append({"kind": "remove", "target": path_key(root, state / "backup")})
     _commit(root, "unpatch", stage, ops, step)
     return restored
-

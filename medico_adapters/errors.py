@@ -35,3 +35,7 @@ class LayoutError(PatchError):
 
 class ImageError(MedicoError):
     """An image or volume cannot be read, or a prompt does not fit it."""
+
+
+class FileBusyError(MedicoError):
+    """A file could not be replaced or removed because another process holds it (Windows)."""

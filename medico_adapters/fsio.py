@@ -20,11 +20,11 @@ import hashlib
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Union
 
-from medico_adapters.errors import MedicoError
+from medico_adapters.errors import FileBusyError
 
 #: suffix of every temporary file the kit creates beside a target.
 TMP_SUFFIX = ".medico-adapters.tmp"
@@ -34,10 +34,7 @@ Payload = Union[bytes, Callable[[BinaryIO], object]]
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
 # Windows reports a file held open elsewhere as PermissionError (sharing violation); retry a little.
 _BUSY_RETRIES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-
-
-class FileBusyError(MedicoError):
-    """A file could not be replaced or removed because another process holds it."""
+_WINDOWS = os.name == "nt"
 
 
 def write_file(path: str | os.PathLike, payload: Payload) -> Path:
@@ -71,13 +68,13 @@ def _retrying(action: Callable[[], object], path: Path, what: str) -> None:
             action()
             return
         except PermissionError:
-            if delay is None or os.name != "nt":
-                if os.name == "nt":
-                    raise FileBusyError(
-                        f"{path}: cannot {what} it, another program holds it open; close that program "
-                        "(or wait for the virus scanner) and run the same command again to complete the change"
-                    ) from None
+            if not _WINDOWS:
                 raise
+            if delay is None:
+                raise FileBusyError(
+                    f"{path}: cannot {what} it, another program holds it open; close that program "
+                    "(or wait for the virus scanner) and run the same command again to complete the change"
+                ) from None
             time.sleep(delay)
 
 
@@ -108,16 +105,19 @@ def fsync_dir(path: str | os.PathLike) -> None:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, payload: Payload, *, mkdir: bool = True) -> Path:
+def atomic_write(
+    path: str | os.PathLike, payload: Payload, *, mkdir: bool = True, tmp: str | os.PathLike | None = None
+) -> Path:
     """Write ``payload`` to ``path`` all-or-nothing: a temporary file beside it, fsync, rename.
 
     A reader sees the old file or the new one, never a part; on any failure the temporary
-    file is removed and the old file is untouched.
+    file is removed and the old file is untouched. ``tmp`` fixes the temporary name (for
+    writers that hold a lock and want a killed run's leftover to be overwritten next time).
     """
     path = Path(path)
     if mkdir:
         path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path, unique=True)
+    tmp = Path(tmp) if tmp is not None else temp_path(path, unique=True)
     try:
         write_file(tmp, payload)
         replace(tmp, path)
@@ -126,6 +126,25 @@ def atomic_write(path: str | os.PathLike, payload: Payload, *, mkdir: bool = Tru
         raise
     fsync_dir(path.parent)
     return path
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path that ends like ``path``, moved over it when the block succeeds.
+
+    For writers that open the file themselves and pick the format from its name (SimpleITK,
+    Pillow): ``mask.nii.gz`` is staged as ``.<random>.medico-adapters-tmp.mask.nii.gz``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex[:8]}.medico-adapters-tmp.{path.name}")
+    try:
+        yield tmp
+        replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def write_text(path: str | os.PathLike, text: str, **kwargs) -> Path:

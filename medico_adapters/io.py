@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from medico_adapters import fsio
 from medico_adapters.errors import ImageError
 
 __all__ = [
@@ -229,9 +230,9 @@ def write_mask(mask: np.ndarray, path: str | os.PathLike, geometry: Geometry) ->
         raise ImageError(f"{path}: mask shape {mask.shape} does not match the image's {expected}")
     dtype = np.uint8 if mask.max(initial=0) <= 255 else np.uint16
     image = geometry.apply(sitk.GetImageFromArray(mask.astype(dtype)))
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        sitk.WriteImage(image, str(path), useCompression=True)
+        with fsio.atomic_output(path) as tmp:
+            sitk.WriteImage(image, str(tmp), useCompression=True)
     except RuntimeError as e:
         raise ImageError(f"{path}: cannot write the mask ({_reason(e)})") from None
     return path

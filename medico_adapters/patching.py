@@ -10,7 +10,7 @@ from pathlib import Path
 import libcst as cst
 
 from medico_adapters import checkpoint as ckpt_mod
-from medico_adapters import engine, registry
+from medico_adapters import engine, fsio, registry
 from medico_adapters.adapters.base import Adapter, Layout, run_codemod
 from medico_adapters.engine import Entry, Plan, Tree
 from medico_adapters.errors import LayoutError, PatchError
@@ -45,7 +45,8 @@ class PatchResult:
 
 
 def _root(path: str | os.PathLike | None, adapter: Adapter) -> Path:
-    root = Path(path) if path is not None else adapter.locate()
+    """The tree's absolute, resolved root: state-file keys are relative to it."""
+    root = (Path(path) if path is not None else adapter.locate()).expanduser().resolve()
     if not root.exists():
         raise PatchError(f"{root}: no such folder")
     if not root.is_dir():
@@ -157,7 +158,7 @@ def plan_patch(
                 validate(tree, layout, entry)
             entries.append(entry)
         target = adapter.checkpoint_path(tree, layout, entry, merged_options)
-        if checkpoint is not None or not _in_place(manifest, target):
+        if checkpoint is not None or not _in_place(root, manifest, target):
             placements.append(engine.Placement(entry, target, _writer(loaded, checkpoint, entry, target, trust)))
 
     files = transform_files(adapter, tree, layout, entries, merged_options)
@@ -182,9 +183,9 @@ def plan_patch(
     return plan, tree, layout
 
 
-def _in_place(manifest: dict, target: Path) -> bool:
+def _in_place(root: Path, manifest: dict, target: Path) -> bool:
     """The checkpoint the manifest recorded at ``target`` is still there, unchanged."""
-    record = manifest.get("checkpoints", {}).get(str(target))
+    record = manifest.get("checkpoints", {}).get(engine.path_key(root, target))
     return record is not None and target.is_file() and engine.sha256_file(target) == record.get("sha256")
 
 
@@ -197,13 +198,13 @@ def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
     kept, temps = [], []
     try:
         for placement in plan.placements:
-            tmp = placement.target.with_name(placement.target.name + engine.TMP_SUFFIX)
+            tmp = fsio.temp_path(placement.target)
             engine.record_staging(plan.root, [tmp])
             placement.write(tmp)
             temps.append(tmp)
             placement.sha256 = engine.sha256_file(tmp)
-            record = manifest.get("checkpoints", {}).get(str(placement.target))
-            if record and placement.sha256 == record.get("sha256") and _in_place(manifest, placement.target):
+            record = manifest.get("checkpoints", {}).get(engine.path_key(plan.root, placement.target))
+            if record and placement.sha256 == record.get("sha256") and _in_place(plan.root, manifest, placement.target):
                 tmp.unlink()
                 continue
             placement.write = None  # already at its staging path
@@ -295,13 +296,14 @@ def status(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
                 else "original" if now == record["original_sha256"]
                 else "edited since patch"
             )
-        for target, record in manifest.get("checkpoints", {}).items():
-            present = Path(target).is_file()
+        for key, record in manifest.get("checkpoints", {}).items():
+            target = engine.key_path(root, key)
+            present = target.is_file()
             checkpoints.append({
-                "path": target,
+                "path": str(target),
                 "entry": record.get("entry"),
                 "present": present,
-                "matching": present and engine.sha256_file(Path(target)) == record.get("sha256"),
+                "matching": present and engine.sha256_file(target) == record.get("sha256"),
             })
     patched = bool(manifest) and all(v == "patched" for v in files.values())
     return {

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from medico_adapters import fsio
+
 SHAPE = (48, 128, 128)
 SPACING = (1.0, 1.0, 1.0)  # z, y, x in mm
 
@@ -127,5 +129,6 @@ def write(phantom: Phantom, path: str | os.PathLike) -> str:
 
     img = sitk.GetImageFromArray(phantom.volume)
     img.SetSpacing(tuple(float(s) for s in reversed(phantom.spacing)))
-    sitk.WriteImage(img, str(path), useCompression=True)
+    with fsio.atomic_output(path) as tmp:
+        sitk.WriteImage(img, str(tmp), useCompression=True)
     return str(path)

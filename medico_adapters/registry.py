@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pooch
 
+from medico_adapters import fsio
 from medico_adapters.errors import RegistryError
 
 CACHE_ENV = "MEDICO_ADAPTERS_CACHE"
@@ -112,16 +112,13 @@ def register_file(name: str, source: str | os.PathLike) -> tuple[Path, bool]:
                 f"{source}: {alg} hash {actual} does not match the registry's {expected} for {name}"
             )
     target = models_dir() / name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsio.atomic_write(target, lambda out: _copy_into(source, out))
     return target, known is not None
+
+
+def _copy_into(source: Path, out) -> None:
+    with open(source, "rb") as f:
+        shutil.copyfileobj(f, out, 1 << 22)
 
 
 def listing() -> list[dict]:

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medico_adapters import fsio
 from medico_adapters.errors import CheckpointError, ImageError
 from medico_adapters.io import LoadedImage, normalise, read_image, write_mask
 from medico_adapters.predictor import Embedding, Predictor
@@ -85,15 +86,10 @@ class EmbeddingCache:
             return None
 
     def save(self, z: int, features: np.ndarray) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         meta = self.folder / "key.json"
         if not meta.exists():
-            meta.write_text(self._meta)
-        target = self._file(z)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, features, allow_pickle=False)
-        os.replace(tmp, target)
+            fsio.write_text(meta, self._meta)
+        fsio.atomic_write(self._file(z), lambda f: np.save(f, features, allow_pickle=False))
 
 
 class VolumePredictor:
@@ -318,8 +314,8 @@ def _overlay_png(image: np.ndarray, labels: np.ndarray, path: str | os.PathLike)
     inside = labels[..., None] > 0
     blended = np.where(inside, 0.5 * rgb + 0.5 * colour, rgb)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(path)
+    with fsio.atomic_output(path) as tmp:
+        Image.fromarray(np.clip(blended, 0, 255).astype(np.uint8)).save(tmp)
     return str(path)
 
 

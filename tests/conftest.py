@@ -13,12 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 
+#: where each OS looks for the user's home and per-user data (Path.home(), pooch/platformdirs).
+HOME_VARIABLES = {
+    "HOME": "", "USERPROFILE": "", "LOCALAPPDATA": "AppData/Local", "APPDATA": "AppData/Roaming",
+    "XDG_CACHE_HOME": ".cache", "XDG_CONFIG_HOME": ".config", "XDG_DATA_HOME": ".local/share",
+}
+
 
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory, monkeypatch):
-    """Never touch the real caches: HOME, the kit's cache and micro-sam's cache live in tmp."""
+    """Never touch the real caches on any OS: home, per-user data, the kit's and micro-sam's
+    caches all live in tmp."""
     home = tmp_path_factory.mktemp("home")
-    monkeypatch.setenv("HOME", str(home))
+    for name, sub in HOME_VARIABLES.items():
+        monkeypatch.setenv(name, str(home / sub))
     monkeypatch.setenv("MEDICO_ADAPTERS_CACHE", str(home / "medico-cache"))
     monkeypatch.setenv("MICROSAM_CACHEDIR", str(home / "microsam-cache"))
     return home

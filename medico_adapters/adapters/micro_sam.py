@@ -16,7 +16,7 @@ from pathlib import Path
 import pooch
 
 from medico_adapters import checkpoint as ckpt_mod
-from medico_adapters import registry
+from medico_adapters import fsio, registry
 from medico_adapters.errors import PatchError
 
 TOOL = "micro-sam"
@@ -83,7 +83,7 @@ def patch(checkpoint=None, *, cache=None, dry_run: bool = False, trust: bool = F
         os.replace(tmp, target)
         record["placed"] = sorted(set(record["placed"]) | {name})
     if placed and not dry_run:
-        (cache / RECORD).write_text(json.dumps(record, indent=2), "utf-8")
+        fsio.write_text(cache / RECORD, json.dumps(record, indent=2))
     note = "" if NAMES[1] in sources else f"; micro-sam downloads {NAMES[1]} itself on first use"
     verb = "would place" if dry_run else "placed"
     message = (f"{cache}: {verb} {', '.join(placed)}" if placed else f"{cache}: MedicoSAM already in place") + note
