@@ -80,9 +80,11 @@ class Plan:
     layout: str
     root: Path
     entries: list[Entry]
-    files: dict[str, bytes]  # relpath -> new bytes (only files that differ from the current ones)
-    current: dict[str, bytes]  # relpath -> bytes on disk now
-    originals: dict[str, bytes]  # relpath -> upstream bytes
+    # relpath -> new bytes (only files that differ from the current ones); None removes a file
+    # the kit added earlier.
+    files: dict[str, bytes | None]
+    current: dict[str, bytes | None]  # relpath -> bytes on disk now (None: absent)
+    originals: dict[str, bytes | None]  # relpath -> upstream bytes (None: the kit adds the file)
     placements: list[Placement] = field(default_factory=list)
     removals: list[Path] = field(default_factory=list)  # placed checkpoints to take away
     features: list[str] = field(default_factory=list)
@@ -95,13 +97,13 @@ class Plan:
     def diff(self) -> str:
         out = []
         for rel, new in sorted(self.files.items()):
-            old = self.current.get(rel, b"")
+            old = self.current.get(rel)
             out.extend(
                 difflib.unified_diff(
-                    old.decode("utf-8", "replace").splitlines(keepends=True),
-                    new.decode("utf-8", "replace").splitlines(keepends=True),
-                    fromfile=f"a/{rel}",
-                    tofile=f"b/{rel}",
+                    (old or b"").decode("utf-8", "replace").splitlines(keepends=True),
+                    (new or b"").decode("utf-8", "replace").splitlines(keepends=True),
+                    fromfile=f"a/{rel}" if old is not None else "/dev/null",
+                    tofile=f"b/{rel}" if new is not None else "/dev/null",
                     n=3,
                 )
             )
@@ -143,11 +145,16 @@ class Tree:
     def exists(self, rel: str) -> bool:
         return self.path(rel).is_file()
 
-    def current(self, rel: str) -> bytes:
-        return self.path(rel).read_bytes()
+    def current(self, rel: str) -> bytes | None:
+        path = self.path(rel)
+        return path.read_bytes() if path.is_file() else None
 
-    def original(self, rel: str) -> bytes:
-        if self.manifest and rel in self.manifest.get("files", {}):
+    def original(self, rel: str) -> bytes | None:
+        """Upstream bytes; None for a file upstream does not have (one the kit adds)."""
+        record = (self.manifest or {}).get("files", {}).get(rel)
+        if record is not None:
+            if record.get("created"):
+                return None
             backup = self.state / "backup" / rel
             if not backup.is_file():
                 raise PatchError(f"{backup}: backup of a patched file is missing; the manifest is damaged")
@@ -337,17 +344,25 @@ def commit_patch(plan: Plan) -> dict:
     files = dict(old.get("files", {}))
     for rel, new in sorted(plan.files.items()):
         real = check_target(root, rel)
+        original = plan.originals[rel]
         if rel not in files:
-            backup = state / "backup" / rel
-            stage.append((fsio.temp_path(backup), plan.originals[rel]))
-            ops.append(_replace_op(root, backup, fsio.temp_path(backup)))
-            files[rel] = {"original_sha256": sha256_bytes(plan.originals[rel])}
-        tmp = fsio.temp_path(real)
-        stage.append((tmp, new))
-        ops.append(_replace_op(root, real, tmp))
-        if new == plan.originals[rel]:
+            if original is None:
+                files[rel] = {"original_sha256": None, "created": True}
+            else:
+                backup = state / "backup" / rel
+                stage.append((fsio.temp_path(backup), original))
+                ops.append(_replace_op(root, backup, fsio.temp_path(backup)))
+                files[rel] = {"original_sha256": sha256_bytes(original)}
+        if new is None:
+            ops.append({"kind": "remove", "target": path_key(root, real)})
+        else:
+            tmp = fsio.temp_path(real)
+            stage.append((tmp, new))
+            ops.append(_replace_op(root, real, tmp))
+        if new == original:
             files.pop(rel)
-            ops.append({"kind": "remove", "target": path_key(root, state / "backup" / rel)})
+            if original is not None:
+                ops.append({"kind": "remove", "target": path_key(root, state / "backup" / rel)})
         else:
             files[rel]["patched_sha256"] = sha256_bytes(new)
 
@@ -428,6 +443,10 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[s
         raise PatchError(f"{root / edited[0]}: changed since it was patched; pass --force to restore it anyway")
     stage, ops, restored = [], [], []
     for rel in sorted(manifest["files"]):
+        if manifest["files"][rel].get("created"):
+            ops.append({"kind": "remove", "target": path_key(root, check_target(root, rel))})
+            restored.append(rel)
+            continue
         backup = state / "backup" / rel
         if not backup.is_file():
             raise PatchError(f"{backup}: backup of a patched file is missing; cannot restore {rel}")

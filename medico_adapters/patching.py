@@ -161,12 +161,17 @@ def plan_patch(
         if checkpoint is not None or not _in_place(root, manifest, target):
             placements.append(engine.Placement(entry, target, _writer(loaded, checkpoint, entry, target, trust)))
 
-    files = transform_files(adapter, tree, layout, entries, merged_options)
-    current = {rel: tree.current(rel) for rel in layout.files}
+    files: dict[str, bytes | None] = transform_files(adapter, tree, layout, entries, merged_options)
+    # Files the kit adds (not upstream's): today's set, and None for those an earlier run added.
+    added = adapter.added_files(tree, layout, merged_options) if entries else {}
+    earlier = [rel for rel, rec in manifest.get("files", {}).items() if rec.get("created")]
+    files.update({rel: None for rel in earlier})
+    files.update(added)
+    current = {rel: tree.current(rel) for rel in files}
     changed = {rel: data for rel, data in files.items() if data != current[rel]}
     for rel in changed:
         engine.check_target(root, rel)
-    originals = {rel: tree.original(rel) for rel in layout.files}
+    originals = {rel: tree.original(rel) for rel in files}
     plan = Plan(
         tool=adapter.tool,
         layout=layout.name,

@@ -66,6 +66,10 @@ class Adapter:
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
         return []
 
+    def added_files(self, tree: Tree, layout: Layout, options: dict) -> dict[str, bytes]:
+        """Files the patch adds to the tree (relpath -> bytes); ``unpatch`` deletes them again."""
+        return {}
+
     def supported_archs(self, layout: Layout) -> tuple[str, ...]:
         return ("vit_b", "vit_l", "vit_h")
 
