@@ -35,3 +35,7 @@ class LayoutError(PatchError):
 
 class ImageError(MedicoError):
     """An image or volume cannot be read, or a prompt does not fit it."""
+
+
+class AmbiguousInstallError(PatchError):
+    """Several installed copies of a tool were found; ``--path`` has to name one."""
