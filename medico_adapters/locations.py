@@ -42,7 +42,7 @@ ORGANIZATIONS = {
 SLICER_HOMES = {
     "linux": ("{HOME}/Slicer*", "{HOME}/*/Slicer*", "/opt/Slicer*", "/opt/*/Slicer*", "/usr/local/Slicer*"),
     "macos": ("/Applications/Slicer*.app/Contents", "{HOME}/Applications/Slicer*.app/Contents"),
-    "windows": ("{LOCALAPPDATA}/{org}/Slicer*", "{ProgramFiles}/Slicer*"),
+    "windows": ("{LOCALAPPDATA}/{org}/Slicer*", "{PROGRAMFILES}/Slicer*"),
 }
 #: inside a Slicer install: the revision settings folder, and macOS's in-bundle extensions.
 HOME_EXTENSIONS = ("{org}/Extensions-*", "Extensions-*")
@@ -74,21 +74,28 @@ class Env:
     root: Path = Path(os.path.abspath(os.sep))
 
     def var(self, name: str) -> str | None:
-        value = self.vars.get(name)
+        """An environment variable, or the OS's default for the few the tables use; the home
+        folder is USERPROFILE on Windows (HOME there may be an MSYS or Git Bash one)."""
+        if name == "HOME":
+            return (self._get("USERPROFILE") if self.platform == "windows" else None) or self._get("HOME")
+        value = self._get(name)
         if value:
             return value
-        home = self.vars.get("USERPROFILE") if self.platform == "windows" else None
-        home = home or self.vars.get("HOME")
-        if name == "HOME":
-            return home
         defaults = {
             "XDG_CONFIG_HOME": ("linux", ".config"),
             "LOCALAPPDATA": ("windows", "AppData/Local"),
             "APPDATA": ("windows", "AppData/Roaming"),
         }
+        home = self.var("HOME")
         if name in defaults and home and defaults[name][0] == self.platform:
             return str(Path(home) / defaults[name][1])
         return None
+
+    def _get(self, name: str) -> str | None:
+        value = self.vars.get(name)
+        if not value and self.platform == "windows":  # variable names are case-insensitive there
+            value = next((v for k, v in self.vars.items() if k.upper() == name), None)
+        return value or None
 
     def expand(self, pattern: str, **names: str) -> str | None:
         """The pattern with ``{VAR}``s filled in (None if one is unset), rooted at ``root``."""

@@ -237,6 +237,10 @@ def test_windows_home_falls_back_to_userprofile_for_localappdata(tmp_path):
     install_extension(extensions)
     env = locations.Env("windows", {"USERPROFILE": str(profile), "HOME": str(tmp_path / "msys-home")}, root=tmp_path / "none")
     assert ADAPTER.installed(env) == [extensions]
+    admin = tmp_path / "Program Files/Slicer 5.6.2/slicer.org/Extensions-32448"
+    install_extension(admin)
+    env = locations.Env("windows", {"Userprofile": str(tmp_path / "x"), "ProgramFiles": str(tmp_path / "Program Files")}, root=tmp_path / "none")
+    assert ADAPTER.installed(env) == [admin]
 
 
 def test_an_earlier_patch_from_qt_scripted_modules_keeps_its_state_there(tmp_path, checkpoints):
