@@ -243,10 +243,13 @@ def test_windows_home_falls_back_to_userprofile_for_localappdata(tmp_path):
     assert ADAPTER.installed(env) == [admin]
 
 
-def test_an_earlier_patch_from_qt_scripted_modules_keeps_its_state_there(tmp_path, checkpoints):
+def test_an_earlier_patch_from_qt_scripted_modules_keeps_its_state_there(tmp_path, checkpoints, monkeypatch):
     extensions = tmp_path / f"Extensions-{REV}"
     modules = install_extension(extensions).parent
-    patch(ADAPTER, modules, checkpoint=checkpoints["plain"])  # as the kit did before it knew the layout
+    with monkeypatch.context() as m:  # the kit before it knew the layout: --path was the tree root
+        m.setattr(ADAPTER, "resolve", lambda path: Path(path))
+        patch(ADAPTER, modules, checkpoint=checkpoints["plain"])
+    assert (modules / ".medico-adapters/manifest.json").is_file()
     assert ADAPTER.resolve(extensions) == modules
     assert status(ADAPTER, ADAPTER.resolve(extensions))["patched"]
     unpatch(ADAPTER, ADAPTER.resolve(modules.parents[2]))
