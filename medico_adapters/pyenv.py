@@ -35,6 +35,8 @@ def probe(python: str, code: str) -> str:
     """What ``code`` prints when ``python`` runs it, with the environment the user's tool sees
     (PYTHONPATH, user site-packages), but from the file-system root, so that a package folder in
     the current directory is not mistaken for an installed one."""
+    if os.sep in python or (os.altsep and os.altsep in python):
+        python = os.path.abspath(python)  # not resolve(): a venv's python is a symlink to keep
     return run([python, "-c", code], f"inspect the Python at {python}", capture_output=True, text=True,
                cwd=os.path.abspath(os.sep)).stdout.strip()
 

@@ -60,11 +60,11 @@ def other_env(tmp_path_factory, napari_sam_wheel):
     return python, package
 
 
-def cli(*args, home: Path, path_prefix: Path | None = None):
+def cli(*args, home: Path, path_prefix: Path | None = None, cwd: Path | None = None):
     env = {**os.environ, "HOME": str(home), "USERPROFILE": str(home), "MEDICO_ADAPTERS_CACHE": str(home / "cache")}
     if path_prefix is not None:
         env["PATH"] = str(path_prefix) + os.pathsep + env["PATH"]
-    return subprocess.run([sys.executable, "-m", "medico_adapters", *map(str, args)], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "medico_adapters", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
 
 
 def kit_copy() -> Path:
@@ -88,7 +88,9 @@ def test_patch_status_unpatch_the_copy_another_python_runs(other_env, checkpoint
     assert report["placed"] == [str(placed)] and placed.is_file()
     assert snapshot(kit_copy()) == kit_before
 
-    st = cli("status", "napari-sam", "--python", python, "--json", home=home)
+    env_root = Path(python).parents[1]  # as a user types it: relative, from the folder holding the env
+    relative = os.path.relpath(python, env_root.parent)
+    st = cli("status", "napari-sam", "--python", relative, "--json", home=home, cwd=env_root.parent)
     data = json.loads(st.stdout)
     assert data["path"] == str(package) and data["patched"] and data["checkpoints"][0]["matching"]
     assert data["features"] == ["napari>=0.6.2 compat (layers_change, add_points border_color)"]
