@@ -100,7 +100,32 @@ def _tool_options(args) -> dict:
     return options
 
 
+def _tool_root(adapter, args) -> tuple[Path, list[str]]:
+    """The tree to work on and notes for the user: ``--path`` as the adapter resolves it (any
+    level of an install it knows), the copy ``--python`` runs (napari-sam), or the installed one."""
+    if adapter.tool == "napari-sam" and args.path is None:
+        from medico_adapters.adapters.napari_sam import napari_on_path_note
+
+        root = adapter.locate(args.python)
+        note = napari_on_path_note(args.python, root)
+        return root, [note] if note else []
+    return adapter.resolve(Path(args.path) if args.path is not None else None), []
+
+
+def _check_python(args) -> None:
+    if getattr(args, "python", None) is not None and args.tool != "napari-sam":
+        raise MedicoError(f"--python: only napari-sam is found through the Python that runs it, not {args.tool}")
+
+
+def _notes(args, notes: list[str]) -> None:
+    """Notes go to stderr, so that stdout stays the report (or the one JSON object)."""
+    if not getattr(args, "json", False):
+        for note in notes:
+            print(f"{PROG}: note: {note}", file=sys.stderr)
+
+
 def cmd_patch(args) -> int:
+    _check_python(args)
     if args.tool == "micro-sam":
         from medico_adapters.adapters import micro_sam
 
@@ -112,15 +137,18 @@ def cmd_patch(args) -> int:
 
     adapter = get_adapter(args.tool)
     options = _tool_options(args)
+    root, notes = _tool_root(adapter, args)
     if args.tool == "napari-sam" and args.napari_compat is None:
         from medico_adapters.adapters.napari_sam import needs_layers_compat
 
-        if needs_layers_compat():
+        if needs_layers_compat(args.python):
             options["napari_compat"] = True
     result = patching.patch(
-        adapter, args.path, checkpoint=args.checkpoint, name=args.name,
+        adapter, root, checkpoint=args.checkpoint, name=args.name,
         options=options, dry_run=args.dry_run, trust=args.trust_checkpoint,
     )
+    result.notes += notes
+    _notes(args, notes)
     if args.diff and not args.json:
         sys.stdout.write(result.diff)
     verb = "would change" if args.dry_run else "changed"
@@ -143,6 +171,7 @@ def cmd_patch(args) -> int:
 
 
 def cmd_unpatch(args) -> int:
+    _check_python(args)
     if args.tool == "micro-sam":
         from medico_adapters.adapters import micro_sam
 
@@ -152,7 +181,11 @@ def cmd_unpatch(args) -> int:
     from medico_adapters import patching
     from medico_adapters.adapters import get_adapter
 
-    result = patching.unpatch(get_adapter(args.tool), args.path, name=args.name, force=args.force)
+    adapter = get_adapter(args.tool)
+    root, notes = _tool_root(adapter, args)
+    result = patching.unpatch(adapter, root, name=args.name, force=args.force)
+    result["notes"] = notes
+    _notes(args, notes)
     if "removed_entry" in result:
         text = f"{result['path']}: removed entry {result['removed_entry']!r}"
     else:
@@ -162,6 +195,7 @@ def cmd_unpatch(args) -> int:
 
 
 def cmd_status(args) -> int:
+    _check_python(args)
     if args.tool == "micro-sam":
         from medico_adapters.adapters import micro_sam
 
@@ -171,7 +205,11 @@ def cmd_status(args) -> int:
     from medico_adapters import patching
     from medico_adapters.adapters import get_adapter
 
-    st = patching.status(get_adapter(args.tool), args.path)
+    adapter = get_adapter(args.tool)
+    root, notes = _tool_root(adapter, args)
+    st = patching.status(adapter, root)
+    st["notes"] = notes
+    _notes(args, notes)
     lines = [
         f"{st['path']}: {st['tool']}",
         f"  layout:  {st['layout'] or 'unknown'} ({st['layout_description']})",
@@ -331,7 +369,11 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         p = _sub(subs, name, help_text, func)
         p.add_argument("tool", metavar="TOOL", help="napari-sam, micro-sam, samm or slicer-segment-with-sam")
-        p.add_argument("--path", metavar="DIR", help="the tool's source tree (default: the installed copy)")
+        p.add_argument("--path", metavar="DIR",
+                       help="the tool's source tree or install, any level of it (default: the installed copy); "
+                            "micro-sam: the folder MICROSAM_CACHEDIR names")
+        p.add_argument("--python", metavar="PY",
+                       help="napari-sam: the copy installed for this Python, the one you start napari with")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "patch":
             p.add_argument("--checkpoint", metavar="CKPT", help="weights to place (any format; default: cached MedicoSAM)")

@@ -39,3 +39,7 @@ class ImageError(MedicoError):
 
 class FileBusyError(MedicoError):
     """A file could not be replaced or removed because another process holds it (Windows)."""
+
+
+class AmbiguousInstallError(PatchError):
+    """Several installed copies of a tool were found; ``--path`` has to name one."""

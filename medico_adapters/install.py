@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from medico_adapters import patching
+from medico_adapters import patching, pyenv
 from medico_adapters.adapters import get_adapter
 from medico_adapters.adapters import micro_sam as micro_sam_adapter
 from medico_adapters.errors import MedicoError, PatchError
@@ -67,64 +66,32 @@ _VERIFY_MICRO_SAM = textwrap.dedent(
 )
 
 
-def _run(cmd: list[str], what: str, **kwargs) -> subprocess.CompletedProcess:
-    try:
-        proc = subprocess.run(cmd, **kwargs)
-    except FileNotFoundError:
-        raise MedicoError(f"{cmd[0]}: not found (needed to {what})") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or "").strip().splitlines()[-1:] if isinstance(proc.stderr, str) else []
-        raise MedicoError(f"{what} failed (exit {proc.returncode}){': ' + tail[0] if tail else ''}")
-    return proc
-
-
-def _probe(python: str, code: str) -> str:
-    return _run([python, "-c", code], "inspect the target Python", capture_output=True, text=True).stdout.strip()
-
-
-def _napari_version(python: str) -> tuple[int, ...] | None:
-    out = _probe(python, "import importlib.metadata as m\ntry: print(m.version('napari'))\nexcept Exception: print('')")
-    return tuple(int(p) for p in out.split(".")[:3] if p.isdigit()) if out else None
-
-
 def _pip(python: str, requirements: list[str]) -> None:
     """pip's own progress goes to stderr, so ``--json`` keeps stdout to one object."""
     print(f"installing {' '.join(requirements)} into {python}", file=sys.stderr, flush=True)
-    _run([python, "-m", "pip", "install", *requirements], f"pip install {' '.join(requirements)}", stdout=sys.stderr)
-
-
-def _package_dir(python: str, packages: tuple[str, ...]) -> Path:
-    code = (
-        "import importlib.util\n"
-        f"for p in {packages!r}:\n"
-        "    s = importlib.util.find_spec(p)\n"
-        "    if s and s.submodule_search_locations:\n"
-        "        print(list(s.submodule_search_locations)[0]); break\n"
-    )
-    out = _probe(python, code)
-    if not out:
-        raise PatchError(f"{python}: cannot find the installed {packages[0]} package after installing it")
-    return Path(out)
+    pyenv.run([python, "-m", "pip", "install", *requirements], f"pip install {' '.join(requirements)}", stdout=sys.stderr)
 
 
 def _install_napari_sam(args: dict) -> dict:
-    from medico_adapters.adapters.napari_sam import PACKAGES
+    from medico_adapters.adapters.napari_sam import LAYERS_CHANGE_REMOVED, PACKAGES
 
     python = args["python"] or sys.executable
     requirements = [f"napari-sam=={args['version']}" if args["version"] else "napari-sam"]
-    napari = _napari_version(python)
-    compat = args["options"].get("napari_compat") or (napari is not None and napari >= (0, 6, 2))
+    napari = pyenv.dist_version(python, "napari")
+    compat = args["options"].get("napari_compat") or (napari is not None and napari >= LAYERS_CHANGE_REMOVED)
     if napari is None:
         requirements += [f"napari=={GOOD_NAPARI}", "pyqt5"]
     _pip(python, requirements)
-    root = args["path"] or _package_dir(python, PACKAGES)
+    root = args["path"] or pyenv.package_dir(python, PACKAGES)
+    if root is None:
+        raise PatchError(f"{python}: cannot find the installed napari-sam package after installing it")
     options = {**args["options"], "napari_compat": bool(compat)}
     result = patching.patch(get_adapter("napari-sam"), root, checkpoint=args["checkpoint"], name=args["name"], options=options)
     report = result.as_dict()
     entry = args["name"] or "MedicoSAM"
     if not args["skip_verify"]:
         package = root.name if root.name in PACKAGES else PACKAGES[0]
-        proc = _run([python, "-c", _VERIFY_NAPARI, package, entry], "load the model through napari-sam's code",
+        proc = pyenv.run([python, "-c", _VERIFY_NAPARI, package, entry], "load the model through napari-sam's code",
                     capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root.parent)})
         report["verified"] = json.loads(proc.stdout.strip().splitlines()[-1])
     report["message"] = (
@@ -142,7 +109,7 @@ def _install_micro_sam(args: dict) -> dict:
     report = micro_sam_adapter.patch(args["checkpoint"])
     source = args["checkpoint"] or (report["placed"][0] if report["placed"] else None)
     if source and not args["skip_verify"]:
-        proc = _run([python, "-c", _VERIFY_MICRO_SAM, str(source)], "load the model through micro-sam", capture_output=True, text=True)
+        proc = pyenv.run([python, "-c", _VERIFY_MICRO_SAM, str(source)], "load the model through micro-sam", capture_output=True, text=True)
         report["verified"] = json.loads(proc.stdout.strip().splitlines()[-1])
     return report
 
@@ -158,12 +125,43 @@ def _install_git_tool(tool: str, args: dict) -> dict:
         root = Path(args["dest"] or spec["url"].rsplit("/", 1)[1])
         if root.exists():
             raise PatchError(f"{root}: already exists; pass --path {root} to patch it, or another --dest")
-        _run(["git", "clone", spec["url"], str(root)], f"git clone {spec['url']}", stdout=sys.stderr)
-        _run(["git", "-C", str(root), "checkout", "-q", ref], f"git checkout {ref}", stdout=sys.stderr)
-    result = patching.patch(get_adapter(tool), root, checkpoint=args["checkpoint"], name=args["name"], options=args["options"])
+        pyenv.run(["git", "clone", spec["url"], str(root)], f"git clone {spec['url']}", stdout=sys.stderr)
+        pyenv.run(["git", "-C", str(root), "checkout", "-q", ref], f"git checkout {ref}", stdout=sys.stderr)
+    adapter = get_adapter(tool)
+    root = adapter.resolve(root)
+    result = patching.patch(adapter, root, checkpoint=args["checkpoint"], name=args["name"], options=args["options"])
     report = result.as_dict()
     report["message"] = f"{tool} at {root} patched (layout {result.layout}){note}"
+    if tool == "slicer-segment-with-sam":
+        report["message"] += _slicer_loading_note(adapter, root)
     return report
+
+
+def _slicer_loading_note(adapter, root: Path) -> str:
+    """How Slicer comes to load this copy, and what an Extension Manager install means for it."""
+    from medico_adapters import locations
+    from medico_adapters.adapters.slicer_sws import MODULE
+    from medico_adapters.engine import Tree
+
+    if any(part.startswith("Extensions-") for part in root.parts):
+        return ("; Slicer loads it from the Extension Manager's folder (restart Slicer); an extension update "
+                "replaces it, so run `medico-adapters patch slicer-segment-with-sam` again after one")
+    module_dir = (root / adapter.detect(Tree(root)).files[0]).parent
+    text = (
+        f"; Slicer loads this clone once {module_dir} (the folder holding {MODULE}) is listed in Edit > "
+        "Application Settings > Modules > Additional module paths (then restart Slicer)"
+    )
+    others = [r for r in adapter.installed(locations.current_env()) if r != root]
+    if others:
+        return text + (
+            f"; Slicer already loads another SegmentWithSAM ({', '.join(map(str, others))}) and loads only one "
+            "module of that name: uninstall that one (Extension Manager, or its Additional module path), or "
+            "patch it instead with `medico-adapters patch slicer-segment-with-sam --path` naming it"
+        )
+    return text + (
+        "; or install SegmentWithSAM with Slicer's Extension Manager and run "
+        "`medico-adapters patch slicer-segment-with-sam`, which finds it (again after each extension update)"
+    )
 
 
 def install(tool: str, *, version=None, ref=None, dest=None, path=None, checkpoint=None, python=None,

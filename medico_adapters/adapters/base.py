@@ -48,6 +48,17 @@ class Adapter:
     def locate(self) -> Path:
         raise PatchError(f"{self.tool}: no installed copy to find; pass --path")
 
+    def resolve(self, path: Path | None) -> Path:
+        """The tree root to patch for ``--path`` (any level of an install the adapter knows),
+        or the installed copy when there is none. Resolving a tree root returns it unchanged."""
+        return self.locate() if path is None else Path(path)
+
+    def upstream_replaced(self, tree: Tree, rel: str, data: bytes) -> bool:
+        """Whether ``data``, found at ``rel`` instead of the patched or the original bytes, is a
+        pristine upstream release of the file (the tool was updated over the patch), which
+        ``patch`` may take as the new original. Only adapters that can tell say yes."""
+        return False
+
     def detect(self, tree: Tree) -> Layout:
         raise NotImplementedError
 

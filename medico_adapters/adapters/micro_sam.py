@@ -4,6 +4,9 @@ micro-sam fetches registry models through pooch into ``$MICROSAM_CACHEDIR/models
 ``pooch.os_cache("micro_sam")/models``) and trusts a file found there when its hash matches. So the
 kit places the published file there, and only that file: anything else (a re-export, a user's own
 fine-tune) would be re-downloaded over, so the user is told to load it as custom weights instead.
+
+``--path`` names the folder ``MICROSAM_CACHEDIR`` names, as micro-sam reads it; the files go in its
+``models`` folder. A ``models`` folder given itself is refused with the folder to give instead.
 """
 
 from __future__ import annotations
@@ -25,10 +28,27 @@ RECORD = ".medico-adapters.json"
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """micro-sam's models folder: ``<override or $MICROSAM_CACHEDIR or pooch's cache>/models``."""
     if override is not None:
-        return Path(override)
+        root = Path(override)
+        if _is_models_folder(root):
+            raise PatchError(
+                f"{root}: is micro-sam's models folder itself; --path names the folder MICROSAM_CACHEDIR "
+                f"names, which holds it: --path {root.parent}"
+            )
+        return root / "models"
     root = os.environ.get("MICROSAM_CACHEDIR")
     return (Path(root) if root else Path(pooch.os_cache("micro_sam"))) / "models"
+
+
+def _is_models_folder(folder: Path) -> bool:
+    """Holds the kit's record or registry files (named like ``vit_b``), as ``<cache>/models`` does."""
+    if (folder / RECORD).is_file():
+        return True
+    try:
+        return any(p.is_file() and p.name.startswith("vit_") and not p.suffix for p in folder.iterdir())
+    except OSError:
+        return False
 
 
 def _hash_ok(path: Path, name: str) -> bool:
@@ -42,6 +62,16 @@ def _custom_hint(source: Path) -> str:
         f"path to {source} with model type vit_b, or in Python "
         f"micro_sam.util.get_sam_model(model_type='vit_b', checkpoint_path='{source}')"
     )
+
+
+def _copy_of(source: Path):
+    """A writer that streams ``source`` (hundreds of MB) into the file ``atomic_write`` opens."""
+
+    def write(out) -> None:
+        with open(source, "rb") as f:
+            shutil.copyfileobj(f, out, 1 << 22)
+
+    return write
 
 
 def _read_record(cache: Path) -> dict:
@@ -77,10 +107,7 @@ def patch(checkpoint=None, *, cache=None, dry_run: bool = False, trust: bool = F
         placed.append(str(target))
         if dry_run:
             continue
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{name}.medico-adapters.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
+        fsio.atomic_write(target, _copy_of(src))
         record["placed"] = sorted(set(record["placed"]) | {name})
     if placed and not dry_run:
         fsio.write_text(cache / RECORD, json.dumps(record, indent=2))
@@ -99,9 +126,9 @@ def unpatch(*, cache=None) -> dict:
     for name in record["placed"]:
         target = cache / name
         if target.exists():
-            target.unlink()
+            fsio.remove(target)
             removed.append(str(target))
-    (cache / RECORD).unlink()
+    fsio.remove(cache / RECORD)
     return {"tool": TOOL, "cache": str(cache), "removed": removed, "message": f"{cache}: removed {', '.join(removed) or 'nothing'}"}
 
 

@@ -13,7 +13,8 @@ the widget never fetches a file it cannot load, it tells the user to run the kit
 
 from __future__ import annotations
 
-import importlib.util
+import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 from libcst.codemod.visitors import AddImportsVisitor
+from packaging.version import Version
 
+from medico_adapters import pyenv
 from medico_adapters.adapters.base import (
     LOCAL_SCHEME,
     MEDICOSAM_FILENAME,
@@ -322,32 +325,52 @@ class PointsBorderColorCompat(VisitorBasedCodemodCommand):
         return updated.with_changes(args=args)
 
 
-def _napari_version() -> tuple[int, ...] | None:
-    if importlib.util.find_spec("napari") is None:
+#: napari removed ``viewer.events.layers_change`` in napari PR #7971, merged after 0.6.1: every
+#: 0.6.2 pre-release (0.6.2a0 .. 0.6.2rc1) already lacks it. So any 0.6.2 development build counts
+#: as 0.6.2; both replacements work on every napari >= 0.5, so erring that way is harmless.
+LAYERS_CHANGE_REMOVED = Version("0.6.2.dev0")
+
+
+def needs_layers_compat(python: str | None = None) -> bool:
+    """Whether the napari installed for ``python`` (default: the kit's own) needs the compat patch."""
+    installed = pyenv.dist_version(python, "napari")
+    return installed is not None and installed >= LAYERS_CHANGE_REMOVED
+
+
+def napari_on_path_note(python: str | None, root: Path) -> str | None:
+    """When no ``--python`` was given and the ``napari`` command runs another interpreter than
+    the kit's, say which copy is being patched and how to choose the other one."""
+    if python is not None:
         return None
-    from importlib.metadata import version
-
-    try:
-        return tuple(int(p) for p in version("napari").split(".")[:3] if p.isdigit())
-    except Exception:
+    script = shutil.which("napari")
+    theirs = pyenv.script_python(Path(script)) if script else None
+    if theirs is None or pyenv.same_environment(theirs) is not False:
         return None
-
-
-def needs_layers_compat() -> bool:
-    installed = _napari_version()
-    return installed is not None and installed >= (0, 6, 2)
+    return (
+        f"the napari command on PATH ({script}) runs {theirs}, not this kit's Python ({sys.executable}); "
+        f"this is the napari-sam installed for the kit's Python ({root}). "
+        f"To use the one napari starts with, pass --python {theirs}"
+    )
 
 
 class NapariSamAdapter(Adapter):
     tool = "napari-sam"
     description = "napari-sam (MIC-DKFZ/napari-sam), PyPI releases 0.0.1 .. 0.4.13"
 
-    def locate(self) -> Path:
-        for package in PACKAGES:
-            spec = importlib.util.find_spec(package)
-            if spec is not None and spec.submodule_search_locations:
-                return Path(list(spec.submodule_search_locations)[0])
-        raise PatchError("napari-sam is not installed in this environment; run `medico-adapters install napari-sam` or pass --path")
+    def locate(self, python: str | None = None) -> Path:
+        """The napari_sam package installed for ``python`` (default: the kit's own interpreter)."""
+        found = pyenv.package_dir(python, PACKAGES)
+        if found is not None:
+            return found
+        if python is not None:
+            raise PatchError(f"{python}: has no napari-sam installed; `medico-adapters install napari-sam --python {python}` installs it")
+        script = shutil.which("napari")
+        theirs = pyenv.script_python(Path(script)) if script else None
+        hint = f"; the napari command on PATH runs {theirs}: pass --python {theirs}" if theirs and pyenv.same_environment(theirs) is False else ""
+        raise PatchError(
+            f"napari-sam is not installed for this kit's Python ({sys.executable}){hint}; "
+            "or run `medico-adapters install napari-sam`, or pass --path"
+        )
 
     def _package(self, tree: Tree) -> str:
         root = tree.root

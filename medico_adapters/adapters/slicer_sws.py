@@ -10,6 +10,15 @@ Layouts, both in ``SegmentWithSAM/SegmentWithSAM.py``:
 
 Checkpoints go where the module computes them: relative to its own file, via
 ``resourcePath("UI") + "/../../../..."``, both in a source checkout and an installed extension.
+
+Where it is installed: Slicer's Extension Manager unpacks the extension into
+``Extensions-<rev>/SegmentWithSAM/``, the module at ``lib/Slicer-X.Y/qt-scripted-modules/SegmentWithSAM.py``
+with its ``Resources/UI`` beside it (``slicerMacroBuildScriptedModule``), so the module's checkpoint
+folder is ``lib/Slicer-X.Y/model_checkpoints/``. An update deletes ``Extensions-<rev>/SegmentWithSAM``
+and unpacks the new release; so the tree root of such an install is the ``Extensions-<rev>`` folder,
+whose ``.medico-adapters`` state outlives an update and can tell that it replaced the patched file.
+Source checkouts (``SegmentWithSAM/SegmentWithSAM.py``) are their own root. ``--path`` may name any
+level in between, or a Slicer install (see :mod:`medico_adapters.locations`).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 
+from medico_adapters import locations
 from medico_adapters.adapters.base import (
     MEDICOSAM_FILENAME,
     Adapter,
@@ -32,11 +42,25 @@ from medico_adapters.adapters.base import (
     slug,
     string_literal,
 )
-from medico_adapters.engine import Entry, Tree
-from medico_adapters.errors import LayoutError, PatchError
+from medico_adapters.engine import MANIFEST, STATE_DIR, Entry, Tree
+from medico_adapters.errors import AmbiguousInstallError, LayoutError, PatchError
 
+EXTENSION = "SegmentWithSAM"
 MODULE = "SegmentWithSAM.py"
 SOURCE_MODULE = "SegmentWithSAM/" + MODULE
+#: the module inside the extension folder the Extension Manager unpacks.
+INSTALLED_MODULE = "lib/Slicer-*/qt-scripted-modules/" + MODULE
+#: where the module sits below each folder a user may name: a module folder (qt-scripted-modules,
+#: an Additional module path), a source checkout, the levels of the extension folder, an
+#: Extensions-<rev> folder. (A Slicer install is searched through its own folders and settings.)
+MODULE_PATTERNS = (
+    MODULE,
+    SOURCE_MODULE,
+    "qt-scripted-modules/" + MODULE,
+    "Slicer-*/qt-scripted-modules/" + MODULE,
+    INSTALLED_MODULE,
+    f"{EXTENSION}/{INSTALLED_MODULE}",
+)
 DEFAULT_NAME = "MedicoSAM (ViT-B)"
 GUARD_HINT = "run `medico-adapters patch slicer-segment-with-sam` to place this checkpoint"
 DOWNLOADERS = ("downloadFileIntoCache", "urlretrieve", "copyfile", "download")
@@ -330,23 +354,91 @@ class SlicerSwsAdapter(Adapter):
     description = "SlicerSegmentWithSAM (mazurowski-lab): W1 (2023, one model) and W2 (2024+, model drop-down)"
 
     def _module(self, tree: Tree) -> str:
-        if tree.exists(SOURCE_MODULE):
-            return SOURCE_MODULE
-        if tree.exists(MODULE):
-            return MODULE
-        raise LayoutError(f"{tree.root}: no {SOURCE_MODULE} (source checkout) or {MODULE} (extension folder)")
+        for pattern in (SOURCE_MODULE, MODULE, INSTALLED_MODULE, f"{EXTENSION}/{INSTALLED_MODULE}"):
+            found = _module_files(tree.root, pattern)
+            if len(found) > 1:
+                raise LayoutError(f"{tree.root}: holds {len(found)} SegmentWithSAM modules ({', '.join(str(f) for f in found)}); pass --path with one of them")
+            if found:
+                return found[0].relative_to(tree.root).as_posix()
+        raise LayoutError(
+            f"{tree.root}: no {SOURCE_MODULE} (source checkout), {MODULE} (module folder) "
+            f"or {EXTENSION}/{INSTALLED_MODULE} (Extension Manager install)"
+        )
 
     def detect(self, tree: Tree) -> Layout:
         rel = self._module(tree)
-        module = parse(tree, rel)
-        has_change = _contains(module, m.FunctionDef(name=m.Name("changeModel")))
-        if has_change and m.findall(module, _ADD_ITEM):
-            return Layout("W2", "SAM/SAM-2 model drop-down with changeModel (2024+)", (rel,))
-        if _contains(module, _assign_to("modelVersion")) and _contains(module, _assign_to("modelName")):
-            return Layout("W1", "one hard-wired SAM model (2023)", (rel,))
-        raise LayoutError(
-            f"{tree.path(rel)}: found neither modelDropDown.addItem + changeModel (W2) nor self.modelVersion/self.modelName (W1)"
-        )
+        found = _layout_of(parse(tree, rel))
+        if found is None:
+            raise LayoutError(
+                f"{tree.path(rel)}: found neither modelDropDown.addItem + changeModel (W2) nor self.modelVersion/self.modelName (W1)"
+            )
+        return Layout(*found, (rel,))
+
+    # --- where it is installed --------------------------------------------------------------
+
+    def installed(self, env: locations.Env) -> list[Path]:
+        """Tree roots of the modules Slicer loads on this machine: Extension Manager installs and
+        the module folders Slicer's settings add (a git clone among them), one per module."""
+        files = [f for folder in locations.extension_folders(env) for f in _module_files(folder, f"{EXTENSION}/{INSTALLED_MODULE}")]
+        files += [f for folder in locations.module_folders(env) for f in _module_files(folder, MODULE)]
+        return _unique_roots(files)
+
+    def locate(self, env: locations.Env | None = None) -> Path:
+        env = env or locations.current_env()
+        roots = self.installed(env)
+        if not roots:
+            raise PatchError(
+                f"{self.tool}: found no SegmentWithSAM installed by Slicer's Extension Manager "
+                f"(looked in {'; '.join(locations.searched(env))}); pass --path to your Slicer, its "
+                "Extensions-<rev> folder or a source checkout"
+            )
+        if len(roots) > 1:
+            raise AmbiguousInstallError(
+                f"{self.tool}: found {len(roots)} SegmentWithSAM modules: {'; '.join(str(r) for r in roots)}; "
+                "pass --path with the one Slicer loads"
+            )
+        return roots[0]
+
+    def resolve(self, path: Path | None) -> Path:
+        """Any level of an install, from a Slicer folder down to ``qt-scripted-modules`` or the
+        module file, or a source checkout, to that module's tree root."""
+        if path is None:
+            return self.locate()
+        path = Path(path)
+        if path.is_file() and path.name == MODULE:
+            files = [path]
+        elif not path.is_dir():
+            return path  # the caller says it is missing or not a folder
+        else:
+            files = [f for pattern in MODULE_PATTERNS for f in _module_files(path, pattern)]
+            if not files:
+                files = _slicer_install_modules(path)
+        if not files:
+            raise LayoutError(
+                f"{path}: no SegmentWithSAM module here or below (looked for {', '.join(MODULE_PATTERNS)}, "
+                "and in a Slicer install's Extensions-<rev> folders and module paths)"
+            )
+        roots = _unique_roots(files)
+        if len(roots) > 1:
+            raise AmbiguousInstallError(
+                f"{path}: holds {len(roots)} SegmentWithSAM modules: {'; '.join(str(r) for r in roots)}; "
+                "pass --path with the one Slicer loads"
+            )
+        return roots[0]
+
+    def upstream_replaced(self, tree: Tree, rel: str, data: bytes) -> bool:
+        """A new release from the Extension Manager: parseable, a known layout, and holding
+        none of the kit's entries (names, checkpoint files) or its download guard."""
+        try:
+            module = cst.parse_module(data)
+        except cst.ParserSyntaxError:
+            return False
+        if _layout_of(module) is None or GUARD_HINT.encode() in data:
+            return False
+        entries = (tree.manifest or {}).get("entries", [])
+        ours = {e["name"] for e in entries} | {e["filename"] for e in entries}
+        strings = {s.evaluated_value for s in m.findall(module, m.SimpleString())}
+        return not (ours & strings)
 
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
         rel = layout.files[0]
@@ -400,6 +492,73 @@ class SlicerSwsAdapter(Adapter):
         if layout.name == "W2":
             text = text.rstrip("/") + "/" + entry.filename
         return Path(os.path.normpath(text))
+
+
+def _layout_of(module: cst.Module) -> tuple[str, str] | None:
+    has_change = _contains(module, m.FunctionDef(name=m.Name("changeModel")))
+    if has_change and m.findall(module, _ADD_ITEM):
+        return "W2", "SAM/SAM-2 model drop-down with changeModel (2024+)"
+    if _contains(module, _assign_to("modelVersion")) and _contains(module, _assign_to("modelName")):
+        return "W1", "one hard-wired SAM model (2023)"
+    return None
+
+
+def _module_files(folder: Path, pattern: str) -> list[Path]:
+    if not any(ch in pattern for ch in "*?["):
+        return [folder / pattern] if (folder / pattern).is_file() else []
+    try:
+        return sorted(p for p in folder.glob(pattern) if p.is_file())
+    except OSError:
+        return []
+
+
+def _slicer_install_modules(home: Path) -> list[Path]:
+    """SegmentWithSAM modules a Slicer install loads: its Extensions-<rev> folders and the
+    module paths its revision settings name (for any OS's folder names)."""
+    if (home / "Contents").is_dir():  # a macOS app bundle named by its .app folder
+        home = home / "Contents"
+    files = []
+    for platform in ("linux", "macos"):
+        for folder in locations.home_extension_folders(home, platform):
+            files += _module_files(folder, f"{EXTENSION}/{INSTALLED_MODULE}")
+        for settings in locations.home_settings(home, platform):
+            for folder in settings.paths("Extensions/InstallPath"):
+                files += _module_files(folder, f"{EXTENSION}/{INSTALLED_MODULE}")
+            for folder in settings.paths("Modules/AdditionalPaths"):
+                files += _module_files(folder, MODULE)
+    return files
+
+
+def tree_root(module_file: Path) -> Path:
+    """The folder a module's patch state lives in: the Extension Manager's install folder
+    (``Extensions-<rev>``, or a custom one, which holds ``SegmentWithSAM.s4ext``) for an
+    installed extension, as an update replaces everything below it; the checkout for a source
+    checkout; else the module's folder. A folder that already holds a manifest (an earlier patch
+    made from a deeper ``--path``) keeps it."""
+    folder = module_file.parent
+    root = folder
+    if folder.name == "qt-scripted-modules" and folder.parent.name.startswith("Slicer-") and folder.parent.parent.name == "lib":
+        extension = folder.parents[2]
+        installs = extension.parent
+        managed = installs.name.startswith("Extensions-") or (installs / f"{extension.name}.s4ext").is_file()
+        root = installs if managed else extension
+    elif folder.name == EXTENSION:
+        root = folder.parent
+    level = folder
+    while True:
+        if (level / STATE_DIR / MANIFEST).is_file():
+            return level
+        if level == root or level.parent == level:
+            return root
+        level = level.parent
+
+
+def _unique_roots(files: list[Path]) -> list[Path]:
+    roots: dict[str, Path] = {}
+    for f in files:
+        root = tree_root(Path(os.path.abspath(f)))
+        roots.setdefault(os.path.normcase(str(root)), root)
+    return list(roots.values())
 
 
 ADAPTER = SlicerSwsAdapter()
