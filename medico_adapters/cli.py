@@ -100,16 +100,16 @@ def _tool_options(args) -> dict:
     return options
 
 
-def _tool_root(adapter, args) -> tuple[Path, list[str]]:
-    """The tree to work on and notes for the user: ``--path`` as the adapter resolves it (any
-    level of an install it knows), the copy ``--python`` runs (napari-sam), or the installed one."""
+def _tool_root(adapter, args) -> tuple[Path | None, list[str]]:
+    """The tree to work on and notes for the user: the copy ``--python`` runs (napari-sam), or
+    ``--path`` as given (None: the installed copy), which ``patching`` resolves through the adapter."""
     if adapter.tool == "napari-sam" and args.path is None:
         from medico_adapters.adapters.napari_sam import napari_on_path_note
 
         root = adapter.locate(args.python)
         note = napari_on_path_note(args.python, root)
         return root, [note] if note else []
-    return adapter.resolve(Path(args.path) if args.path is not None else None), []
+    return (Path(args.path) if args.path is not None else None), []
 
 
 def _check_python(args) -> None:

@@ -138,6 +138,11 @@ class Tree:
         self.root = Path(root)
         self.state = self.root / STATE_DIR
         self.manifest = read_manifest(self.root)
+        self.rebased: dict[str, bytes] = {}
+
+    def rebase(self, rel: str, data: bytes) -> None:
+        """Take ``data`` as the upstream bytes of ``rel`` (the tool was updated over the patch)."""
+        self.rebased[rel] = data
 
     def path(self, rel: str) -> Path:
         return self.root / rel
@@ -151,6 +156,8 @@ class Tree:
 
     def original(self, rel: str) -> bytes | None:
         """Upstream bytes; None for a file upstream does not have (one the kit adds)."""
+        if rel in self.rebased:
+            return self.rebased[rel]
         record = (self.manifest or {}).get("files", {}).get(rel)
         if record is not None:
             if record.get("created"):
@@ -345,7 +352,8 @@ def commit_patch(plan: Plan) -> dict:
     for rel, new in sorted(plan.files.items()):
         real = check_target(root, rel)
         original = plan.originals[rel]
-        if rel not in files:
+        rebased = original is not None and rel in files and files[rel]["original_sha256"] != sha256_bytes(original)
+        if rel not in files or rebased:
             if original is None:
                 files[rel] = {"original_sha256": None, "created": True}
             else:
@@ -429,12 +437,15 @@ def _stage_only(root: Path, stage: list, step: _Steps) -> None:
         raise
 
 
-def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[str]:
-    """Restore every changed file and remove placed checkpoints; returns the restored paths."""
+def commit_unpatch(root: Path, manifest: dict, *, force: bool = False, keep: set[str] = frozenset()) -> list[str]:
+    """Restore every changed file (but those in ``keep``) and remove placed checkpoints;
+    returns the restored paths."""
     state = root / STATE_DIR
     step = _Steps()
     edited = []
     for rel, record in manifest["files"].items():
+        if rel in keep:
+            continue
         path = root / rel
         now = sha256_bytes(path.read_bytes()) if path.exists() else None
         if now not in (record.get("patched_sha256"), record["original_sha256"]):
@@ -442,7 +453,7 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[s
     if edited and not force:
         raise PatchError(f"{root / edited[0]}: changed since it was patched; pass --force to restore it anyway")
     stage, ops, restored = [], [], []
-    for rel in sorted(manifest["files"]):
+    for rel in sorted(set(manifest["files"]) - set(keep)):
         if manifest["files"][rel].get("created"):
             ops.append({"kind": "remove", "target": path_key(root, check_target(root, rel))})
             restored.append(rel)

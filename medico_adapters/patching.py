@@ -45,13 +45,36 @@ class PatchResult:
 
 
 def _root(path: str | os.PathLike | None, adapter: Adapter) -> Path:
-    """The tree's absolute, resolved root: state-file keys are relative to it."""
-    root = (Path(path) if path is not None else adapter.locate()).expanduser().resolve()
+    """The tree's absolute, resolved root (state-file keys are relative to it): ``path`` at any
+    level of an install the adapter knows, or the installed copy."""
+    root = adapter.resolve(Path(path).expanduser() if path is not None else None).resolve()
     if not root.exists():
         raise PatchError(f"{root}: no such folder")
     if not root.is_dir():
         raise PatchError(f"{root}: is not a folder (give the tool's source tree)")
     return root
+
+
+UPDATED = "replaced by an update"
+EDITED = "edited since patch"
+
+
+def file_states(adapter: Adapter, tree: Tree) -> dict[str, str]:
+    """Each file the manifest lists: ``patched``, ``original``, ``UPDATED`` (a pristine new
+    release the tool's updater put there, as far as the adapter can tell) or ``EDITED``."""
+    states = {}
+    for rel, record in (tree.manifest or {}).get("files", {}).items():
+        data = tree.current(rel)
+        now = engine.sha256_bytes(data) if data is not None else None
+        if now == record.get("patched_sha256"):
+            states[rel] = "patched"
+        elif now == record["original_sha256"]:
+            states[rel] = "original"
+        elif data is not None and adapter.upstream_replaced(tree, rel, data):
+            states[rel] = UPDATED
+        else:
+            states[rel] = EDITED
+    return states
 
 
 def transform_files(adapter: Adapter, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> dict[str, bytes]:
@@ -111,18 +134,18 @@ def plan_patch(
 ) -> tuple[Plan, Tree, Layout]:
     root = _root(path, adapter)
     tree = Tree(root)
-    layout = adapter.detect(tree)
     manifest = tree.manifest or {}
     if manifest and manifest.get("tool") != adapter.tool:
         raise PatchError(f"{root}: was patched as {manifest.get('tool')!r}, not {adapter.tool!r}")
-    for rel, record in manifest.get("files", {}).items():
-        path = root / rel
-        now = engine.sha256_bytes(path.read_bytes()) if path.is_file() else None
-        if now not in (record.get("patched_sha256"), record["original_sha256"]):
+    for rel, state in file_states(adapter, tree).items():
+        if state == UPDATED:  # the tool's own updater replaced it: patch the new release
+            tree.rebase(rel, tree.current(rel))
+        elif state == EDITED:
             raise PatchError(
-                f"{path}: changed since it was patched (your edit, or a reinstalled tool); "
+                f"{root / rel}: changed since it was patched (your edit, or a reinstalled tool); "
                 f"`unpatch --force` restores the patched-from version, or delete {root / engine.STATE_DIR} if you reinstalled"
             )
+    layout = adapter.detect(tree)
     entries = [Entry.from_dict(d) for d in manifest.get("entries", [])]
     merged_options = {**manifest.get("options", {}), **(options or {})}
 
@@ -276,7 +299,9 @@ def unpatch(adapter: Adapter, path: str | os.PathLike | None = None, *, name: st
             return {"tool": adapter.tool, "path": str(root), "removed_entry": name, "changed": sorted(plan.files)}
         if name is not None and len(remaining) == len(manifest.get("entries", [])):
             raise PatchError(f"{root}: has no patched entry named {name!r}")
-        restored = engine.commit_unpatch(root, manifest, force=force)
+        # A release the tool's updater installed over the patch stays: it is newer than the backup.
+        updated = {rel for rel, state in file_states(adapter, Tree(root)).items() if state == UPDATED}
+        restored = engine.commit_unpatch(root, manifest, force=force, keep=updated)
     return {"tool": adapter.tool, "path": str(root), "restored": restored, "recovered": recovered}
 
 
@@ -290,17 +315,9 @@ def status(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
     except LayoutError as e:
         layout, layout_name, layout_desc = None, None, str(e)
     manifest = tree.manifest
-    files = {}
+    files = file_states(adapter, tree)
     checkpoints = []
     if manifest:
-        for rel, record in manifest["files"].items():
-            p = root / rel
-            now = engine.sha256_bytes(p.read_bytes()) if p.exists() else None
-            files[rel] = (
-                "patched" if now == record.get("patched_sha256")
-                else "original" if now == record["original_sha256"]
-                else "edited since patch"
-            )
         for key, record in manifest.get("checkpoints", {}).items():
             target = engine.key_path(root, key)
             present = target.is_file()

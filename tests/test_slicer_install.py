@@ -321,8 +321,6 @@ def test_an_update_is_told_apart_from_an_edit(tmp_path, checkpoints):
     assert status(ADAPTER, extensions)["checkpoints"][0]["present"] is False
 
 
-@pytest.mark.xfail(strict=True, reason="needs patching/engine to take a pristine new release as the new original "
-                   "(Adapter.upstream_replaced); described for the lead in the where12 report")
 def test_patch_reapplies_after_an_update(tmp_path, checkpoints):
     extensions = tmp_path / f"Extensions-{REV}"
     install_extension(extensions)
