@@ -4,15 +4,16 @@ Integration sessions install the real tool, install this package on top, and run
 ``integration/`` that execute the tool's own model-loading code. Installing torch costs ~70 s and
 5.5 GB per environment, so each session's venv sees the base environment that runs nox (which
 holds torch, segment-anything and this kit's dependencies) through a ``.pth`` file; what a session
-installs itself takes precedence. Each session appends a row to integration/COMPATIBILITY.md.
+installs itself takes precedence. Each session appends a row to integration/COMPATIBILITY.md (or,
+in CI, to the folder $MEDICO_COMPAT_DIR names; integration/compat_report.py merges those).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import site
+import sys
 from pathlib import Path
 
 import nox
@@ -21,8 +22,12 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
-REPORT = ROOT / "integration" / "COMPATIBILITY.md"
-RESULTS = ROOT / "integration" / "results.json"
+# nox imports this file from its own entry point: the project's folder is not on sys.path yet.
+sys.path.insert(0, str(ROOT))
+from integration import compat_report  # noqa: E402
+
+# CI jobs write their rows into a folder of their own (uploaded, then merged across OSes).
+COMPAT_DIR = Path(os.environ.get("MEDICO_COMPAT_DIR") or ROOT / "integration")
 NAPARI_SAM_RELEASES = {"0.4.0": "N1", "0.4.5": "N2", "0.4.13": "N3"}
 GOOD_NAPARI = "napari==0.5.6"
 
@@ -36,24 +41,7 @@ def link_base(session: nox.Session) -> None:
 
 
 def record(tool: str, version: str, layout: str, loaded: str) -> None:
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    rows[f"{tool} {version}"] = {
-        "tool": tool, "version": version, "layout": layout, "patched": "yes",
-        "loaded": loaded, "date": datetime.date.today().isoformat(),
-    }
-    RESULTS.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    lines = [
-        "# Compatibility",
-        "",
-        "Written by the nox integration sessions (`nox -t integration`). \"Loaded\" means the tool's own",
-        "model-loading code built SAM from the placed checkpoint and its weights matched (random",
-        "weights of the real architecture: plumbing, not accuracy).",
-        "",
-        "| tool | version / commit | layout | patched | loaded by the tool's code | date |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['tool']} | {r['version']} | {r['layout']} | {r['patched']} | {r['loaded']} | {r['date']} |" for r in rows.values()]
-    REPORT.write_text("\n".join(lines) + "\n")
+    compat_report.record(COMPAT_DIR, tool, version, layout, loaded)
 
 
 def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None) -> None:
