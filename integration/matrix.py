@@ -92,10 +92,10 @@ def matrix(sessions: list[dict], tools: dict, runners: dict[str, str] = RUNNERS)
 
 
 def table(include: list[dict]) -> str:
-    lines = [f"{'job':64} {'checkout':22} {'xvfb':5} allowed to fail"]
+    lines = [f"{'job':64} {'checkout':30} {'xvfb':5} allowed to fail"]
     for cell in include:
         checkout = f"{cell['checkout-repo'].split('/')[-1]}@{cell['checkout-ref'][:7] or 'default'}" if cell["checkout-repo"] else "-"
-        lines.append(f"{cell['name']:64} {checkout:22} {'yes' if cell['xvfb'] else '-':5} "
+        lines.append(f"{cell['name']:64} {checkout:30} {'yes' if cell['xvfb'] else '-':5} "
                      f"{'yes' if cell['experimental'] else '-'}")
     sessions = len({cell["label"] for cell in include})
     lines.append(f"{len(include)} jobs: {sessions} sessions/checkouts x {len({c['os'] for c in include})} runners")
