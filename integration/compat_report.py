@@ -24,6 +24,7 @@ from medico_adapters import fsio
 RESULTS = "results.json"
 REPORT = "COMPATIBILITY.md"
 JOB = "job.json"
+FIELDS = ("tool", "version", "layout", "patched", "loaded", "os", "date")
 #: sys.platform -> the report's column; other platforms get a column named after sys.platform.
 OS_COLUMNS = {"linux": "Linux", "darwin": "macOS", "win32": "Windows"}
 # Rows recorded before the OS column existed all came from the project's Linux machine.
@@ -45,10 +46,12 @@ def current_os() -> str:
 
 
 def make_row(tool: str, version: str, layout: str, loaded: str, *, os: str | None = None,
-             date: str | None = None) -> dict:
+             date: str | None = None, **extra: str | None) -> dict:
+    """A row; ``extra`` notes (such as ``window="yes (pyqt5, Xvfb)"``) are shown in its OS's cell."""
     return {
         "tool": tool, "version": version, "layout": layout, "patched": "yes", "loaded": loaded,
         "os": os or current_os(), "date": date or datetime.date.today().isoformat(),
+        **{name: value for name, value in extra.items() if value is not None},
     }
 
 
@@ -97,7 +100,8 @@ def render(rows: dict[str, dict], jobs: Iterable[dict] = ()) -> str:
     lines.append("| tool | version / commit | layout | " + " | ".join(columns) + " | date |")
     lines.append("|---" * (len(columns) + 4) + "|")
     for (tool, version), cells in sorted(table.items(), key=lambda item: (item[0][0], _natural(item[0][1]))):
-        by_os = {row["os"]: row["loaded"] for row in cells}
+        by_os = {row["os"]: "; ".join([row["loaded"], *(f"{k} {row[k]}" for k in sorted(set(row) - set(FIELDS)))])
+                 for row in cells}
         layout = " / ".join(sorted({row["layout"] for row in cells}))
         date = max(row["date"] for row in cells)
         results = " | ".join(by_os.get(column, NOT_RUN) for column in columns)
@@ -120,11 +124,11 @@ def save(folder: str | Path, rows: dict[str, dict], jobs: Iterable[dict] = ()) -
     return fsio.write_text(folder / REPORT, render(ordered, jobs))
 
 
-def record(folder: str | Path, tool: str, version: str, layout: str, loaded: str) -> Path:
-    """Add one row for this OS to the report in ``folder``."""
-    row = make_row(tool, version, layout, loaded)
+def record(folder: str | Path, tool: str, version: str, layout: str, loaded: str, **extra: str | None) -> Path:
+    """Add or refresh this OS's row in the report in ``folder``, keeping notes an earlier run added."""
+    row = make_row(tool, version, layout, loaded, **extra)
     rows = load(Path(folder) / RESULTS)
-    rows[key(row)] = row
+    rows[key(row)] = {**rows.get(key(row), {}), **row}
     return save(folder, rows)
 
 

@@ -117,3 +117,10 @@ def test_job_outcome_names_this_os(tmp_path):
     assert json.loads((out / "job.json").read_text(encoding="utf-8")) == {
         "session": "samm @ newest", "os": compat_report.current_os(), "outcome": "failure", "allowed_to_fail": True,
     }
+
+
+def test_notes_such_as_a_real_window_show_in_the_cell_and_survive_a_headless_rerun(tmp_path):
+    compat_report.record(tmp_path, "napari-sam", "0.4.13 (napari 0.5.6)", "N3", "yes", window="yes (pyqt5, Xvfb)")
+    compat_report.record(tmp_path, "napari-sam", "0.4.13 (napari 0.5.6)", "N3", "yes")
+    (line,) = _table((tmp_path / "COMPATIBILITY.md").read_text(encoding="utf-8")).values()
+    assert "yes; window yes (pyqt5, Xvfb)" in line
