@@ -4,15 +4,17 @@ Integration sessions install the real tool, install this package on top, and run
 ``integration/`` that execute the tool's own model-loading code. Installing torch costs ~70 s and
 5.5 GB per environment, so each session's venv sees the base environment that runs nox (which
 holds torch, segment-anything and this kit's dependencies) through a ``.pth`` file; what a session
-installs itself takes precedence. Each session appends a row to integration/COMPATIBILITY.md.
+installs itself takes precedence. Each session appends a row to integration/COMPATIBILITY.md (or,
+in CI, to the folder $MEDICO_COMPAT_DIR names; integration/compat_report.py merges those).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
+import shutil
 import site
+import sys
 from pathlib import Path
 
 import nox
@@ -21,39 +23,36 @@ nox.options.sessions = ["tests", "lint"]
 nox.options.reuse_existing_virtualenvs = True
 
 ROOT = Path(__file__).parent
-REPORT = ROOT / "integration" / "COMPATIBILITY.md"
-RESULTS = ROOT / "integration" / "results.json"
+# nox imports this file from its own entry point: the project's folder is not on sys.path yet.
+sys.path.insert(0, str(ROOT))
+from integration import compat_report  # noqa: E402
+
+# CI jobs write their rows into a folder of their own (uploaded, then merged across OSes).
+COMPAT_DIR = Path(os.environ.get("MEDICO_COMPAT_DIR") or ROOT / "integration")
 NAPARI_SAM_RELEASES = {"0.4.0": "N1", "0.4.5": "N2", "0.4.13": "N3"}
 GOOD_NAPARI = "napari==0.5.6"
+#: napari-sam-all in shards of a few minutes each (one CI job per shard), as version ranges so
+#: that a new release falls into the last one.
+NAPARI_SAM_ALL_SHARDS = {
+    "0.0-0.2": "<0.3",
+    "0.3.0-0.3.10": ">=0.3,<0.3.11",
+    "0.3.11-0.3.20": ">=0.3.11,<0.4",
+    "0.4-newest": ">=0.4",
+}
 
 
 def link_base(session: nox.Session) -> None:
     """Let the session's venv import torch & co. from the environment running nox."""
+    # purelib is site-packages on every OS (site.getsitepackages()[0] is the venv root on Windows).
     venv_site = session.run(
-        "python", "-c", "import site; print(site.getsitepackages()[0])", silent=True
+        "python", "-c", "import sysconfig; print(sysconfig.get_path('purelib'))", silent=True
     ).strip().splitlines()[-1]
+    # Not fsio.write_text: before Python 3.13, site.py reads .pth files in the locale's encoding.
     Path(venv_site, "_medico_base_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
 
 def record(tool: str, version: str, layout: str, loaded: str) -> None:
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    rows[f"{tool} {version}"] = {
-        "tool": tool, "version": version, "layout": layout, "patched": "yes",
-        "loaded": loaded, "date": datetime.date.today().isoformat(),
-    }
-    RESULTS.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
-    lines = [
-        "# Compatibility",
-        "",
-        "Written by the nox integration sessions (`nox -t integration`). \"Loaded\" means the tool's own",
-        "model-loading code built SAM from the placed checkpoint and its weights matched (random",
-        "weights of the real architecture: plumbing, not accuracy).",
-        "",
-        "| tool | version / commit | layout | patched | loaded by the tool's code | date |",
-        "|---|---|---|---|---|---|",
-    ]
-    lines += [f"| {r['tool']} | {r['version']} | {r['layout']} | {r['patched']} | {r['loaded']} | {r['date']} |" for r in rows.values()]
-    REPORT.write_text("\n".join(lines) + "\n")
+    compat_report.record(COMPAT_DIR, tool, version, layout, loaded)
 
 
 def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None) -> None:
@@ -62,7 +61,13 @@ def run_integration(session: nox.Session, tool: str, requirements: list[str], te
         session.install(*requirements)
     session.install("--no-deps", "-e", ".")
     session.run("python", "-m", "pip", "freeze", silent=False)
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env or {})
+    # The tools cache weights under ~, which is USERPROFILE on Windows and HOME elsewhere: both
+    # point at a fresh folder in the session's venv, never at the developer's or the runner's home.
+    home = Path(session.virtualenv.location, "home")
+    shutil.rmtree(home, ignore_errors=True)
+    home.mkdir()
+    env = {"HOME": str(home), "USERPROFILE": str(home), **(env or {})}
+    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env)
 
 
 @nox.session
@@ -142,6 +147,10 @@ def slicer(session: nox.Session) -> None:
 
 
 @nox.session(tags=["napari-sam-all"])
-def napari_sam_all_releases(session: nox.Session) -> None:
-    """Every napari-sam release from PyPI: patch, re-patch, unpatch (about 15 minutes on 2 cores)."""
-    run_integration(session, "napari-sam", [], "integration/test_napari_all_releases.py")
+@nox.parametrize("releases", list(NAPARI_SAM_ALL_SHARDS.values()), ids=list(NAPARI_SAM_ALL_SHARDS))
+def napari_sam_all_releases(session: nox.Session, releases: str) -> None:
+    """Every napari-sam release from PyPI in one range: patch, re-patch, unpatch."""
+    run_integration(
+        session, "napari-sam", [], "integration/test_napari_all_releases.py",
+        env={"MEDICO_NAPARI_SAM_RELEASES": releases},
+    )

@@ -1,27 +1,35 @@
 """Every napari-sam release on PyPI: patched, idempotent, reverted byte for byte.
 
 Needs PyPI (the wheels are downloaded into a temporary folder); the widget itself is exercised
-for one release per layout by test_napari_real.py.
+for one release per layout by test_napari_real.py. ``MEDICO_NAPARI_SAM_RELEASES`` (a version
+specifier such as ``>=0.4``) limits the run to one range: noxfile.py's CI shards.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
 
 from medico_adapters import patching
 from medico_adapters.adapters.napari_sam import ADAPTER
 from medico_adapters.patchgen import releases
 from tests.helpers import snapshot
 
+SELECTED = SpecifierSet(os.environ.get("MEDICO_NAPARI_SAM_RELEASES", ""))
+#: the releases the kit ships a plain diff for (patches/): every one of them in range must be tested.
+SHIPPED = [p.stem for p in (Path(__file__).parents[1] / "patches" / "napari-sam").glob("*.diff")]
+
 
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
     try:
-        versions = releases("napari-sam")
+        versions = list(SELECTED.filter(releases("napari-sam")))
     except OSError as e:
         pytest.skip(f"PyPI not reachable: {e}")
     folder = tmp_path_factory.mktemp("wheels")
@@ -45,5 +53,7 @@ def test_every_release(wheels, tmp_path, checkpoints):
         assert snapshot(root) == before, version
         layouts.setdefault(result.layout, []).append(version)
     summary = ", ".join(f"{k}: {len(v)} ({v[0]}..{v[-1]})" for k, v in sorted(layouts.items()))
-    print(f"\n{len(wheels)} napari-sam releases patched, idempotent and reverted: {summary}")
-    assert len(wheels) >= 49
+    print(f"\n{len(wheels)} napari-sam releases {SELECTED or ''} patched, idempotent and reverted: {summary}")
+    assert len(SHIPPED) >= 49
+    assert set(SELECTED.filter(SHIPPED)) <= set(wheels)
+    assert wheels
