@@ -22,14 +22,14 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO, Union
+from typing import BinaryIO
 
 from medico_adapters.errors import FileBusyError
 
 #: suffix of every temporary file the kit creates beside a target.
 TMP_SUFFIX = ".medico-adapters.tmp"
 #: what ``write_file`` accepts: the bytes themselves, or a function that writes them to a file.
-Payload = Union[bytes, Callable[[BinaryIO], object]]
+Payload = bytes | Callable[[BinaryIO], object]
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
 # Windows reports a file held open elsewhere as PermissionError (sharing violation); retry a little.
