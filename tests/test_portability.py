@@ -149,6 +149,11 @@ def test_nothing_writes_around_fsio():
 # --- the helper ---------------------------------------------------------------------------------
 
 
+#: Windows keeps only a read-only bit of a file's mode.
+POSIX_MODES = pytest.mark.skipif(os.name == "nt", reason="Windows has no POSIX mode bits")
+
+
+@POSIX_MODES
 def test_atomic_write_keeps_the_replaced_files_mode(tmp_path):
     target = tmp_path / "run.sh"
     target.write_bytes(b"old")
@@ -226,6 +231,7 @@ def test_busy_file_mid_commit_is_completed_by_a_rerun(tmp_path, monkeypatch, che
     assert st["patched"] and not st["interrupted"] and st["checkpoints"][0]["matching"]
 
 
+@POSIX_MODES
 def test_unpatch_restores_permissions(tmp_path, checkpoints):
     tree = copy_fixture("samm/S4", tmp_path)
     script = tree / "samm-python-terminal" / "sam_server.py"

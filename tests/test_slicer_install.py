@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, slicer_stand_ins, snapshot
 
 from medico_adapters import locations
 from medico_adapters.adapters.slicer_sws import ADAPTER
@@ -25,6 +24,7 @@ from medico_adapters.cli import main
 from medico_adapters.engine import Tree
 from medico_adapters.errors import AmbiguousInstallError, LayoutError, PatchError
 from medico_adapters.patching import patch, status, unpatch
+from tests.helpers import FIXTURES, slicer_stand_ins, snapshot
 
 REV = "32448"
 SLICER = "5.6"
