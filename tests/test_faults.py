@@ -7,6 +7,7 @@ its N-th commit step, which makes each kill point deterministic.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def test_kill_at_every_step_is_recoverable(tmp_path, checkpoints, reference):
             assert not (tree / STATE_DIR).exists()
             leftovers = [p for p in tree.rglob("*.medico-adapters.tmp")]
             assert leftovers == [], step
+        shutil.rmtree(tree)  # each step's tree holds a 358 MB checkpoint: keep the disk small
     print(f"kill points recovered: {kill_points}")
     assert kill_points >= 25
 
