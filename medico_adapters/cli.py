@@ -76,13 +76,39 @@ def cmd_check(args) -> int:
 def cmd_export(args) -> int:
     from medico_adapters import checkpoint
 
-    info = checkpoint.export_checkpoint(
-        args.checkpoint, args.output, decoder_out=args.decoder_out,
-        expect_arch=args.model_type, trust=args.trust_checkpoint,
-    )
-    print(f"wrote {args.output} (plain {info.arch} state dict, {info.n_tensors} tensors, from {info.format} format)")
-    if args.decoder_out:
-        print(f"wrote {args.decoder_out} (decoder state)")
+    if not args.output and not args.onnx:
+        raise MedicoError("export needs -o OUT (a plain state dict) and/or --onnx DIR (the ONNX pair AnyLabeling runs)")
+    if args.model_type and args.onnx and not args.output:
+        checkpoint.require_loadable(checkpoint.load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.model_type)
+    if args.output:
+        info = checkpoint.export_checkpoint(
+            args.checkpoint, args.output, decoder_out=args.decoder_out,
+            expect_arch=args.model_type, trust=args.trust_checkpoint,
+        )
+        if not args.json:
+            print(f"wrote {args.output} (plain {info.arch} state dict, {info.n_tensors} tensors, from {info.format} format)")
+            if args.decoder_out:
+                print(f"wrote {args.decoder_out} (decoder state)")
+    if args.onnx:
+        return _export_onnx(args)
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from medico_adapters import onnx_export
+
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    report = onnx_export.export_onnx(args.checkpoint, args.onnx, int8=args.int8, trust=args.trust_checkpoint, say=say)
+    lines = [
+        f"wrote {report.encoder} and {report.decoder} ({report.arch}, AnyLabeling's SAM ONNX format) and {args.onnx}/config.yaml",
+        f"  checked with onnxruntime on a CT phantom: embedding max abs diff {report.encoder_max_abs_diff:.2e} (limit {onnx_export.TOLERANCE:g}), "
+        f"decoder masks {'equal' if report.decoder_masks_equal else f'equal but for {report.decoder_tie_pixels} tie pixels at the threshold'} "
+        f"(logits max abs diff {report.decoder_max_abs_diff:.2e})",
+    ]
+    if report.int8_encoder:
+        lines.append(f"wrote {report.int8_encoder} (int8 weights; embedding cosine vs fp32 {report.int8_cosine:.5f})")
+    lines.append(f"  AnyLabeling: Auto Labeling > ...Load Custom Model > {args.onnx}/config.yaml, or `medico-adapters patch anylabeling`")
+    _emit(args, report.as_dict(), "\n".join(lines))
     return 0
 
 
@@ -258,7 +284,7 @@ EXAMPLES = {
     "models": "medico-adapters models --json",
     "fetch": "medico-adapters fetch vit_b_medical_imaging --from-file ~/Downloads/medicosam.pt",
     "check": "medico-adapters check medicosam.pt",
-    "export": "medico-adapters export medicosam.pt -o vit_b_medicosam.pt --decoder-out decoder.pt",
+    "export": "medico-adapters export medicosam.pt -o vit_b_medicosam.pt --decoder-out decoder.pt\n  medico-adapters export medicosam.pt --onnx medicosam-onnx --int8",
     "patch": "medico-adapters patch samm --path ./samm --dry-run --diff",
     "unpatch": "medico-adapters unpatch napari-sam",
     "status": "medico-adapters status napari-sam --json",
@@ -266,6 +292,11 @@ EXAMPLES = {
     "segment": "medico-adapters segment ct.nii.gz -o mask.nii.gz --point 40,256,256 --window soft_tissue",
     "demo": "medico-adapters demo --out medico-demo --screenshot medico-demo/widget.png",
 }
+
+
+TOOL_HELP = (
+    "napari-sam, napari-segment-anything, micro-sam, samm, slicer-segment-with-sam, isat-sam or anylabeling"
+)
 
 
 def _sub(subs, name: str, help_text: str, func) -> argparse.ArgumentParser:
@@ -295,7 +326,7 @@ def _add_tool_options(p) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Put MedicoSAM (or any SAM checkpoint) into napari-sam, micro-sam, samm and SlicerSegmentWithSAM.",
+        description="Put MedicoSAM (or any SAM checkpoint) into napari-sam, napari-segment-anything, micro-sam, samm, SlicerSegmentWithSAM, ISAT-SAM and AnyLabeling.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -317,9 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "export", "Write a plain SAM state dict (CPU tensors) every tool can load.", cmd_export)
     p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", required=True, help="the plain state dict to write")
+    p.add_argument("-o", "--output", help="the plain state dict to write")
     p.add_argument("--decoder-out", metavar="OUT2", help="also write the segmentation decoder state here")
     p.add_argument("--model-type", choices=["vit_b", "vit_l", "vit_h", "vit_t"], help="fail unless the weights are this architecture")
+    p.add_argument("--onnx", metavar="DIR", help="write AnyLabeling's ONNX encoder/decoder pair and config.yaml here, checked with onnxruntime (needs the [onnx] extra)")
+    p.add_argument("--int8", action="store_true", help="with --onnx: also write an int8-quantised encoder and report its cosine vs fp32")
+    p.add_argument("--json", action="store_true", help="print the --onnx report as one JSON object")
     _add_trust(p)
 
     for name, help_text, func in (
@@ -328,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "Show a tool's detected layout, patch state and checkpoints.", cmd_status),
     ):
         p = _sub(subs, name, help_text, func)
-        p.add_argument("tool", metavar="TOOL", help="napari-sam, micro-sam, samm or slicer-segment-with-sam")
+        p.add_argument("tool", metavar="TOOL", help=TOOL_HELP)
         p.add_argument("--path", metavar="DIR", help="the tool's source tree (default: the installed copy)")
         p.add_argument("--json", action="store_true", help="print one JSON object")
         if name == "patch":
@@ -343,9 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="restore files even if edited since the patch")
 
     p = _sub(subs, "install", "Get a tool (pip or a pinned git clone), then patch it and check it loads.", cmd_install)
-    p.add_argument("tool", metavar="TOOL")
+    p.add_argument("tool", metavar="TOOL", help=TOOL_HELP)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--version", help="PyPI release to install (napari-sam, micro-sam)")
+    g.add_argument("--version", help="PyPI release to install (napari-sam, napari-segment-anything, micro-sam, isat-sam, anylabeling)")
     g.add_argument("--ref", help="git commit/tag to clone (samm, slicer-segment-with-sam)")
     p.add_argument("--dest", metavar="DIR", help="where to clone git tools")
     p.add_argument("--path", metavar="DIR", help="patch this existing checkout instead of cloning")

@@ -405,8 +405,13 @@ def _stage_only(root: Path, stage: list, step: _Steps) -> None:
         raise
 
 
-def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[str]:
-    """Restore every changed file and remove placed checkpoints; returns the restored paths."""
+def commit_unpatch(root: Path, manifest: dict, *, force: bool = False, rewrites: dict[str, bytes] | None = None) -> list[str]:
+    """Restore every changed file and remove placed checkpoints; returns the restored paths.
+
+    A placed file named in ``rewrites`` gets those bytes instead (the tool rewrote a shared
+    file since the patch, so restoring its old bytes would undo the tool's own changes too).
+    """
+    rewrites = rewrites or {}
     state = root / STATE_DIR
     step = _Steps()
     edited = []
@@ -428,8 +433,15 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False) -> list[s
         ops.append({"kind": "replace", "target": str(real), "tmp": str(tmp)})
         restored.append(rel)
     for target, record in manifest.get("checkpoints", {}).items():
-        ops.append({"kind": "remove", "target": target})
         kept = Path(target).with_name(Path(target).name + ORIG_SUFFIX)
+        if target in rewrites:
+            tmp = Path(target).with_name(Path(target).name + TMP_SUFFIX)
+            stage.append((tmp, rewrites[target]))
+            ops.append({"kind": "replace", "target": target, "tmp": str(tmp)})
+            if record.get("preexisting"):
+                ops.append({"kind": "remove", "target": str(kept)})
+            continue
+        ops.append({"kind": "remove", "target": target})
         if record.get("preexisting"):
             ops.append({"kind": "restore", "target": target, "source": str(kept)})
     ops.append({"kind": "remove", "target": str(state / MANIFEST)})

@@ -35,3 +35,11 @@ class LayoutError(PatchError):
 
 class ImageError(MedicoError):
     """An image or volume cannot be read, or a prompt does not fit it."""
+
+
+class MissingDependencyError(MedicoError):
+    """An optional extra the command needs is not installed."""
+
+
+class ExportCheckError(CheckpointError):
+    """An exported model does not reproduce the torch model within tolerance."""
