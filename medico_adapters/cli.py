@@ -141,6 +141,10 @@ def cmd_patch(args) -> int:
 
         if needs_layers_compat():
             options["napari_compat"] = True
+    if args.tool == "napari-segment-anything" and args.napari_compat is None:
+        from medico_adapters.adapters.napari_segment_anything import needs_labels_compat
+
+        options["napari_compat"] = needs_labels_compat()
     result = patching.patch(
         adapter, args.path, checkpoint=args.checkpoint, name=args.name,
         options=options, dry_run=args.dry_run, trust=args.trust_checkpoint,
@@ -319,7 +323,7 @@ def _add_tool_options(p) -> None:
     p.add_argument("--model-dir", help="samm-server: the model directory (default <repo>/checkpoints)")
     compat = p.add_mutually_exclusive_group()
     compat.add_argument("--napari-compat", dest="napari_compat", action="store_true", default=None,
-                        help="napari-sam: also fix the napari>=0.6.2 layers_change break (auto-detected)")
+                        help="napari-sam: also fix the napari>=0.6.2 layers_change break; napari-segment-anything: the napari>=0.5 add_labels break (auto-detected)")
     compat.add_argument("--no-napari-compat", dest="napari_compat", action="store_false")
 
 

@@ -191,7 +191,10 @@ def _install_pypi_tool(tool: str, args: dict) -> dict:
     _pip(python, requirements)
     root = args["path"] or _package_dir(python, spec["packages"])
     adapter = get_adapter(tool)
-    result = patching.patch(adapter, root, checkpoint=args["checkpoint"], name=args["name"], options=args["options"])
+    options = dict(args["options"])
+    if spec.get("napari") and "napari_compat" not in options:
+        options["napari_compat"] = (_napari_version(python) or (0,)) >= (0, 5, 0)
+    result = patching.patch(adapter, root, checkpoint=args["checkpoint"], name=args["name"], options=options)
     report = result.as_dict()
     entry = next(e for e in result.entries if e.name == (args["name"] or "MedicoSAM"))
     if not args["skip_verify"]:

@@ -100,7 +100,8 @@ def build_sam(ckpt: ckpt_mod.Checkpoint):
 
 def _export(module: torch.nn.Module, args: tuple, target: Path, names: tuple, outputs: tuple, dynamic: dict) -> None:
     def write(f) -> None:
-        with warnings.catch_warnings():
+        # no_grad: tracing with autograd on keeps every activation (9.4 GB peak for ViT-B, 4 GB without)
+        with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             # The TorchScript exporter traces SamOnnxModel as segment_anything designed it.
             torch.onnx.export(

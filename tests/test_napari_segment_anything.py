@@ -11,7 +11,7 @@ from medico_adapters import patching
 from medico_adapters.adapters import get_adapter
 from medico_adapters.adapters import napari_sam as napari_sam_adapter
 from medico_adapters.adapters.napari_sam import GuardLocalWeights
-from medico_adapters.adapters.napari_segment_anything import ADAPTER
+from medico_adapters.adapters.napari_segment_anything import ADAPTER, LabelsColormapCompat
 from medico_adapters.errors import LayoutError, PatchError
 from tests.helpers import (
     FakeViewer,
@@ -53,6 +53,55 @@ def test_guard_names_its_own_tool():
 
 def test_untransformed_without_download_branch():
     check_noop(GuardLocalWeights, "def get_weights_path(t):\n    return CACHE / t\n", table="SAM_WEIGHTS_URL", tool="napari-segment-anything")
+
+
+def test_labels_color_becomes_a_direct_colormap():
+    check_transformed(
+        LabelsColormapCompat,
+        """\
+        class W:
+            def __init__(self, viewer):
+                self._mask_layer = viewer.add_labels(
+                    data=np.zeros((256, 256), dtype=int),
+                    name="SAM mask",
+                    color={1: "cyan"},
+                )
+        """,
+        """\
+        from napari.utils.colormaps import DirectLabelColormap
+
+        class W:
+            def __init__(self, viewer):
+                self._mask_layer = viewer.add_labels(
+                    data=np.zeros((256, 256), dtype=int),
+                    name="SAM mask",
+                    colormap=DirectLabelColormap(color_dict={1: "cyan", None: "transparent"}),
+                )
+        """,
+    )
+
+
+def test_labels_color_given_as_a_name_keeps_its_colors():
+    check_transformed(
+        LabelsColormapCompat,
+        "layer = viewer.add_labels(data, color=colors)\n",
+        'from napari.utils.colormaps import DirectLabelColormap\n\nlayer = viewer.add_labels(data, colormap=DirectLabelColormap(color_dict={None: "transparent", **colors}))\n',
+    )
+
+
+def test_untransformed_other_layers_keep_color():
+    check_noop(LabelsColormapCompat, 'viewer.add_shapes(data, edge_color="green")\nviewer.add_points(data, face_color="blue")\n')
+
+
+def test_napari_compat_tree_parses_and_unpatches(tmp_path, checkpoints):
+    root = copy_fixture("napari_segment_anything/N1", tmp_path)
+    before = snapshot(root)
+    patching.patch(ADAPTER, root, checkpoint=checkpoints["plain"], options={"napari_compat": True})
+    text = (root / "napari_segment_anything/_widget.py").read_text()
+    assert 'colormap=DirectLabelColormap(color_dict={1: "cyan", None: "transparent"})' in text
+    assert patching.status(ADAPTER, root)["features"] == ["napari>=0.5 compat (add_labels colormap)"]
+    patching.unpatch(ADAPTER, root)
+    assert snapshot(root) == before
 
 
 def _widget(root):

@@ -169,6 +169,7 @@ class AnyLabelingAdapter(Adapter):
         decoder_tmp = decoder.with_name(decoder.name + engine.TMP_SUFFIX)
 
         def write_encoder(tmp: Path) -> Path:
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             engine.record_staging(tree.root, [decoder_tmp])
             onnx_export.write_pair(source(), tmp, decoder_tmp, input_size=layout.extra["input_size"])
             return tmp
@@ -180,6 +181,7 @@ class AnyLabelingAdapter(Adapter):
 
         def write_config(tmp: Path) -> Path:
             _, _, yaml = onnx_export.require_onnx()
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             return fsio.write_file(tmp, yaml.safe_dump(model_config(entry), sort_keys=False).encode("utf-8"))
 
         return [Placement(entry, encoder, write_encoder), Placement(entry, decoder, write_decoder), Placement(entry, config, write_config)]

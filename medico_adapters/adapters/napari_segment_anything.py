@@ -17,14 +17,60 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import libcst as cst
+import libcst.matchers as m
+from libcst.codemod import VisitorBasedCodemodCommand
+from libcst.codemod.visitors import AddImportsVisitor
 
-from medico_adapters.adapters.base import Layout, Step
-from medico_adapters.adapters.napari_sam import NapariSamAdapter, widget_classes
+from medico_adapters.adapters.base import Layout, Step, string_literal
+from medico_adapters.adapters.napari_sam import NapariSamAdapter, _napari_version, widget_classes
 from medico_adapters.engine import Entry, Tree
 from medico_adapters.errors import LayoutError
 
 PACKAGES = ("napari_segment_anything",)
 FILENAME_PREFIX = "nsa_"
+
+
+class LabelsColormapCompat(VisitorBasedCodemodCommand):
+    """Pass ``add_labels(color=...)`` as a ``DirectLabelColormap``: napari 0.5 removed ``color``.
+
+    The plugin's constructor adds its mask layer this way, so on napari >= 0.5 the widget cannot
+    even be created. Labels missing from the dict stay transparent, as they were drawn before.
+
+    Before::
+
+        self._mask_layer = self._viewer.add_labels(data=d, name="SAM mask", color={1: "cyan"})
+
+    After::
+
+        self._mask_layer = self._viewer.add_labels(data=d, name="SAM mask", colormap=DirectLabelColormap(color_dict={1: "cyan", None: "transparent"}))
+    """
+
+    DESCRIPTION = "Rename add_labels(color=...) to colormap=DirectLabelColormap(...) (napari >= 0.5)."
+    REQUIRED = False
+
+    def leave_Call(self, original: cst.Call, updated: cst.Call) -> cst.Call:
+        if not m.matches(updated.func, m.Attribute(attr=m.Name("add_labels"))):
+            return updated
+        args = []
+        for arg in updated.args:
+            if m.matches(arg.keyword, m.Name("color")):
+                colors = arg.value
+                if isinstance(colors, cst.Dict) and not any(m.matches(e, m.DictElement(key=m.Name("None"))) for e in colors.elements):
+                    comma = cst.Comma(whitespace_after=cst.SimpleWhitespace(" "))
+                    elements = [*colors.elements[:-1], colors.elements[-1].with_changes(comma=comma)] if colors.elements else []
+                    colors = colors.with_changes(elements=[*elements, cst.DictElement(cst.Name("None"), string_literal("transparent", colors.elements[0].value if colors.elements and isinstance(colors.elements[0].value, cst.SimpleString) else None))])
+                elif not isinstance(colors, cst.Dict):
+                    colors = cst.parse_expression(f'{{None: "transparent", **{cst.Module([]).code_for_node(colors)}}}')
+                value = cst.parse_expression(f"DirectLabelColormap(color_dict={cst.Module([]).code_for_node(colors)})")
+                arg = arg.with_changes(keyword=cst.Name("colormap"), value=value)
+                AddImportsVisitor.add_needed_import(self.context, "napari.utils.colormaps", "DirectLabelColormap")
+            args.append(arg)
+        return updated.with_changes(args=args)
+
+
+def needs_labels_compat() -> bool:
+    installed = _napari_version()
+    return installed is not None and installed >= (0, 5, 0)
 
 
 class NapariSegmentAnythingAdapter(NapariSamAdapter):
@@ -44,11 +90,12 @@ class NapariSegmentAnythingAdapter(NapariSamAdapter):
         return layout
 
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
-        # napari-sam's napari>=0.6.2 fixes target code this widget does not have.
-        return super().steps(tree, layout, entries, {**options, "napari_compat": False})
+        # napari-sam's napari>=0.6.2 fixes target code this widget does not have; it needs its own.
+        steps = super().steps(tree, layout, entries, {**options, "napari_compat": False})
+        return [*steps, Step(layout.files[0], LabelsColormapCompat)] if options.get("napari_compat") else steps
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
-        return []
+        return ["napari>=0.5 compat (add_labels colormap)"] if options.get("napari_compat") else []
 
 
 ADAPTER = NapariSegmentAnythingAdapter()
