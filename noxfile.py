@@ -169,6 +169,7 @@ def anylabeling(session: nox.Session) -> None:
     """AnyLabeling 0.4.43 (PyQt6, its own venv): lists MedicoSAM, loads the exported ONNX pair, segments a click."""
     run_integration(
         session, "anylabeling", ["anylabeling==0.4.43", "onnx", "onnxruntime", "pyyaml"],
-        "integration/test_anylabeling_real.py", env={"QT_QPA_PLATFORM": "offscreen"},
+        # napari's pytest plugins (visible from the base environment) would import its PyQt5 here
+        "integration/test_anylabeling_real.py", env={"QT_QPA_PLATFORM": "offscreen", "PYTEST_ADDOPTS": "-p no:napari -p no:napari-plugin-engine -p no:npe2"},
     )
     record("anylabeling", "0.4.43", "A1 (ONNX)", "yes")
