@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from medico_adapters import checkpoint as ckpt_mod
 from medico_adapters import cli, onnx_export, patching
@@ -25,6 +24,7 @@ from medico_adapters.adapters.anylabeling import ADAPTER, rc_path
 from medico_adapters.errors import CheckpointError, ExportCheckError, LayoutError, PatchError
 from tests.helpers import copy_fixture, snapshot
 
+yaml = pytest.importorskip("yaml", reason="the [onnx] extra is not installed")
 onnx = pytest.importorskip("onnx", reason="the [onnx] extra is not installed")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the [onnx] extra is not installed")
 
