@@ -14,7 +14,9 @@ neither placement overwrites the other's, and unpatching one removes only its ow
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 
 import libcst as cst
 import libcst.matchers as m
@@ -22,7 +24,7 @@ from libcst.codemod import VisitorBasedCodemodCommand
 from libcst.codemod.visitors import AddImportsVisitor
 
 from medico_adapters.adapters.base import Layout, Step, string_literal
-from medico_adapters.adapters.napari_sam import NapariSamAdapter, _napari_version, widget_classes
+from medico_adapters.adapters.napari_sam import NapariSamAdapter, widget_classes
 from medico_adapters.engine import Entry, Tree
 from medico_adapters.errors import LayoutError
 
@@ -69,8 +71,13 @@ class LabelsColormapCompat(VisitorBasedCodemodCommand):
 
 
 def needs_labels_compat() -> bool:
-    installed = _napari_version()
-    return installed is not None and installed >= (0, 5, 0)
+    """Whether the kit's own napari is 0.5 or newer (pre-releases of 0.5 included)."""
+    try:
+        installed = version("napari")
+    except PackageNotFoundError:
+        return False
+    major_minor = tuple(int(re.match(r"\d*", part).group() or 0) for part in installed.split(".")[:2])
+    return major_minor >= (0, 5)
 
 
 class NapariSegmentAnythingAdapter(NapariSamAdapter):
