@@ -154,3 +154,31 @@ def napari_sam_all_releases(session: nox.Session, releases: str) -> None:
         session, "napari-sam", [], "integration/test_napari_all_releases.py",
         env={"MEDICO_NAPARI_SAM_RELEASES": releases},
     )
+
+
+@nox.session(tags=["integration", "napari-segment-anything"])
+def napari_segment_anything(session: nox.Session) -> None:
+    """royerlab's napari-segment-anything 0.1.4 on napari 0.5.6: its widget loads MedicoSAM and segments a click."""
+    run_integration(
+        session, "napari-segment-anything", ["napari-segment-anything==0.1.4", GOOD_NAPARI, "pyqt5"],
+        "integration/test_napari_segment_anything_real.py", env={"QT_QPA_PLATFORM": "offscreen"},
+    )
+    record("napari-segment-anything", "0.1.4 (napari 0.5.6)", "N1", "yes")
+
+
+@nox.session(tags=["integration", "isat-sam"])
+def isat_sam(session: nox.Session) -> None:
+    """ISAT-SAM 1.5.2: its SegAny builds vit_b from the placed file (float32 and the bf16 path), its model manager lists it."""
+    run_integration(session, "isat-sam", ["isat-sam==1.5.2"], "integration/test_isat_real.py", env={"QT_QPA_PLATFORM": "offscreen"})
+    record("isat-sam", "1.5.2", "I1", "yes")
+
+
+@nox.session(tags=["integration", "anylabeling"])
+def anylabeling(session: nox.Session) -> None:
+    """AnyLabeling 0.4.43 (PyQt6, its own venv): lists MedicoSAM, loads the exported ONNX pair, segments a click."""
+    run_integration(
+        session, "anylabeling", ["anylabeling==0.4.43", "onnx", "onnxruntime", "pyyaml"],
+        # napari's pytest plugins (visible from the base environment) would import its PyQt5 here
+        "integration/test_anylabeling_real.py", env={"QT_QPA_PLATFORM": "offscreen", "PYTEST_ADDOPTS": "-p no:napari -p no:napari-plugin-engine -p no:npe2"},
+    )
+    record("anylabeling", "0.4.43", "A1 (ONNX)", "yes")

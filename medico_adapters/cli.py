@@ -78,13 +78,39 @@ def cmd_check(args) -> int:
 def cmd_export(args) -> int:
     from medico_adapters import checkpoint
 
-    info = checkpoint.export_checkpoint(
-        args.checkpoint, args.output, decoder_out=args.decoder_out,
-        expect_arch=args.model_type, trust=args.trust_checkpoint,
-    )
-    print(f"wrote {args.output} (plain {info.arch} state dict, {info.n_tensors} tensors, from {info.format} format)")
-    if args.decoder_out:
-        print(f"wrote {args.decoder_out} (decoder state)")
+    if not args.output and not args.onnx:
+        raise MedicoError("export needs -o OUT (a plain state dict) and/or --onnx DIR (the ONNX pair AnyLabeling runs)")
+    if args.model_type and args.onnx and not args.output:
+        checkpoint.require_loadable(checkpoint.load_checkpoint(args.checkpoint, trust=args.trust_checkpoint), args.model_type)
+    if args.output:
+        info = checkpoint.export_checkpoint(
+            args.checkpoint, args.output, decoder_out=args.decoder_out,
+            expect_arch=args.model_type, trust=args.trust_checkpoint,
+        )
+        if not args.json:
+            print(f"wrote {args.output} (plain {info.arch} state dict, {info.n_tensors} tensors, from {info.format} format)")
+            if args.decoder_out:
+                print(f"wrote {args.decoder_out} (decoder state)")
+    if args.onnx:
+        return _export_onnx(args)
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from medico_adapters import onnx_export
+
+    say = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
+    report = onnx_export.export_onnx(args.checkpoint, args.onnx, int8=args.int8, trust=args.trust_checkpoint, say=say)
+    lines = [
+        f"wrote {report.encoder} and {report.decoder} ({report.arch}, AnyLabeling's SAM ONNX format) and {args.onnx}/config.yaml",
+        f"  checked with onnxruntime on a CT phantom: embedding max abs diff {report.encoder_max_abs_diff:.2e} (limit {onnx_export.TOLERANCE:g}), "
+        f"decoder masks {'equal' if report.decoder_masks_equal else f'equal but for {report.decoder_tie_pixels} tie pixels at the threshold'} "
+        f"(logits max abs diff {report.decoder_max_abs_diff:.2e})",
+    ]
+    if report.int8_encoder:
+        lines.append(f"wrote {report.int8_encoder} (int8 weights; embedding cosine vs fp32 {report.int8_cosine:.5f})")
+    lines.append(f"  AnyLabeling: Auto Labeling > ...Load Custom Model > {args.onnx}/config.yaml, or `medico-adapters patch anylabeling`")
+    _emit(args, report.as_dict(), "\n".join(lines))
     return 0
 
 
@@ -100,10 +126,14 @@ def _tool_options(args) -> dict:
     return options
 
 
+#: tools found through the Python that runs napari (``--python``).
+NAPARI_PLUGINS = ("napari-sam", "napari-segment-anything")
+
+
 def _tool_root(adapter, args) -> tuple[Path | None, list[str]]:
     """The tree to work on and notes for the user: the copy ``--python`` runs (napari-sam), or
     ``--path`` as given (None: the installed copy), which ``patching`` resolves through the adapter."""
-    if adapter.tool == "napari-sam" and args.path is None:
+    if adapter.tool in NAPARI_PLUGINS and args.path is None:
         from medico_adapters.adapters.napari_sam import napari_on_path_note
 
         root = adapter.locate(args.python)
@@ -113,7 +143,7 @@ def _tool_root(adapter, args) -> tuple[Path | None, list[str]]:
 
 
 def _check_python(args) -> None:
-    if getattr(args, "python", None) is not None and args.tool != "napari-sam":
+    if getattr(args, "python", None) is not None and args.tool not in NAPARI_PLUGINS:
         raise MedicoError(f"--python: only napari-sam is found through the Python that runs it, not {args.tool}")
 
 
@@ -143,6 +173,10 @@ def cmd_patch(args) -> int:
 
         if needs_layers_compat(args.python):
             options["napari_compat"] = True
+    if args.tool == "napari-segment-anything" and args.napari_compat is None:
+        from medico_adapters.adapters.napari_segment_anything import needs_labels_compat
+
+        options["napari_compat"] = needs_labels_compat(args.python)
     result = patching.patch(
         adapter, root, checkpoint=args.checkpoint, name=args.name,
         options=options, dry_run=args.dry_run, trust=args.trust_checkpoint,
@@ -298,7 +332,7 @@ EXAMPLES = {
     "models": "medico-adapters models --json",
     "fetch": "medico-adapters fetch vit_b_medical_imaging --from-file ~/Downloads/medicosam.pt",
     "check": "medico-adapters check medicosam.pt",
-    "export": "medico-adapters export medicosam.pt -o vit_b_medicosam.pt --decoder-out decoder.pt",
+    "export": "medico-adapters export medicosam.pt -o vit_b_medicosam.pt --decoder-out decoder.pt\n  medico-adapters export medicosam.pt --onnx medicosam-onnx --int8",
     "patch": "medico-adapters patch samm --path ./samm --dry-run --diff",
     "unpatch": "medico-adapters unpatch napari-sam",
     "status": "medico-adapters status napari-sam --json",
@@ -306,6 +340,11 @@ EXAMPLES = {
     "segment": "medico-adapters segment ct.nii.gz -o mask.nii.gz --point 40,256,256 --window soft_tissue",
     "demo": "medico-adapters demo --out medico-demo --screenshot medico-demo/widget.png",
 }
+
+
+TOOL_HELP = (
+    "napari-sam, napari-segment-anything, micro-sam, samm, slicer-segment-with-sam, isat-sam or anylabeling"
+)
 
 
 def _sub(subs, name: str, help_text: str, func) -> argparse.ArgumentParser:
@@ -328,14 +367,14 @@ def _add_tool_options(p) -> None:
     p.add_argument("--model-dir", help="samm-server: the model directory (default <repo>/checkpoints)")
     compat = p.add_mutually_exclusive_group()
     compat.add_argument("--napari-compat", dest="napari_compat", action="store_true", default=None,
-                        help="napari-sam: also fix the napari>=0.6.2 layers_change break (auto-detected)")
+                        help="napari-sam: also fix the napari>=0.6.2 layers_change break; napari-segment-anything: the napari>=0.5 add_labels break (auto-detected)")
     compat.add_argument("--no-napari-compat", dest="napari_compat", action="store_false")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Put MedicoSAM (or any SAM checkpoint) into napari-sam, micro-sam, samm and SlicerSegmentWithSAM.",
+        description="Put MedicoSAM (or any SAM checkpoint) into napari-sam, napari-segment-anything, micro-sam, samm, SlicerSegmentWithSAM, ISAT-SAM and AnyLabeling.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     subs = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -357,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(subs, "export", "Write a plain SAM state dict (CPU tensors) every tool can load.", cmd_export)
     p.add_argument("checkpoint")
-    p.add_argument("-o", "--output", required=True, help="the plain state dict to write")
+    p.add_argument("-o", "--output", help="the plain state dict to write")
     p.add_argument("--decoder-out", metavar="OUT2", help="also write the segmentation decoder state here")
     p.add_argument("--model-type", choices=["vit_b", "vit_l", "vit_h", "vit_t"], help="fail unless the weights are this architecture")
+    p.add_argument("--onnx", metavar="DIR", help="write AnyLabeling's ONNX encoder/decoder pair and config.yaml here, checked with onnxruntime (needs the [onnx] extra)")
+    p.add_argument("--int8", action="store_true", help="with --onnx: also write an int8-quantised encoder and report its cosine vs fp32")
+    p.add_argument("--json", action="store_true", help="print the --onnx report as one JSON object")
     _add_trust(p)
 
     for name, help_text, func in (
@@ -368,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "Show a tool's detected layout, patch state and checkpoints.", cmd_status),
     ):
         p = _sub(subs, name, help_text, func)
-        p.add_argument("tool", metavar="TOOL", help="napari-sam, micro-sam, samm or slicer-segment-with-sam")
+        p.add_argument("tool", metavar="TOOL", help=TOOL_HELP)
         p.add_argument("--path", metavar="DIR",
                        help="the tool's source tree or install, any level of it (default: the installed copy); "
                             "micro-sam: the folder MICROSAM_CACHEDIR names")
@@ -387,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--force", action="store_true", help="restore files even if edited since the patch")
 
     p = _sub(subs, "install", "Get a tool (pip or a pinned git clone), then patch it and check it loads.", cmd_install)
-    p.add_argument("tool", metavar="TOOL")
+    p.add_argument("tool", metavar="TOOL", help=TOOL_HELP)
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--version", help="PyPI release to install (napari-sam, micro-sam)")
+    g.add_argument("--version", help="PyPI release to install (napari-sam, napari-segment-anything, micro-sam, isat-sam, anylabeling)")
     g.add_argument("--ref", help="git commit/tag to clone (samm, slicer-segment-with-sam)")
     p.add_argument("--dest", metavar="DIR", help="where to clone git tools")
     p.add_argument("--path", metavar="DIR", help="patch this existing checkout instead of cloning")

@@ -437,9 +437,18 @@ def _stage_only(root: Path, stage: list, step: _Steps) -> None:
         raise
 
 
-def commit_unpatch(root: Path, manifest: dict, *, force: bool = False, keep: set[str] = frozenset()) -> list[str]:
-    """Restore every changed file (but those in ``keep``) and remove placed checkpoints;
-    returns the restored paths."""
+def commit_unpatch(
+    root: Path, manifest: dict, *, force: bool = False, keep: set[str] = frozenset(),
+    rewrites: dict[str, bytes] | None = None,
+) -> list[str]:
+    """Restore every changed file (but those in ``keep``) and remove placed files; returns the
+    restored paths.
+
+    A placed file whose manifest key is in ``rewrites`` gets those bytes instead (the tool
+    rewrote a shared file since the patch, so restoring its old bytes would undo the tool's own
+    changes too).
+    """
+    rewrites = rewrites or {}
     state = root / STATE_DIR
     step = _Steps()
     edited = []
@@ -467,10 +476,18 @@ def commit_unpatch(root: Path, manifest: dict, *, force: bool = False, keep: set
         ops.append(_replace_op(root, real, tmp))
         restored.append(rel)
     for key, record in manifest.get("checkpoints", {}).items():
+        target = key_path(root, key)
+        kept = target.with_name(target.name + ORIG_SUFFIX)
+        if key in rewrites:
+            tmp = fsio.temp_path(target)
+            stage.append((tmp, rewrites[key]))
+            ops.append(_replace_op(root, target, tmp))
+            if record.get("preexisting"):
+                ops.append({"kind": "remove", "target": path_key(root, kept)})
+            continue
         ops.append({"kind": "remove", "target": key})
         if record.get("preexisting"):
-            kept = key_path(root, key)
-            ops.append({"kind": "restore", "target": key, "source": path_key(root, kept.with_name(kept.name + ORIG_SUFFIX))})
+            ops.append({"kind": "restore", "target": key, "source": path_key(root, kept)})
     ops.append({"kind": "remove", "target": path_key(root, state / MANIFEST)})
     ops.append({"kind": "remove", "target": path_key(root, state / "backup")})
     _commit(root, "unpatch", stage, ops, step)

@@ -43,3 +43,11 @@ class FileBusyError(MedicoError):
 
 class AmbiguousInstallError(PatchError):
     """Several installed copies of a tool were found; ``--path`` has to name one."""
+
+
+class MissingDependencyError(MedicoError):
+    """An optional extra the command needs is not installed."""
+
+
+class ExportCheckError(CheckpointError):
+    """An exported model does not reproduce the torch model within tolerance."""

@@ -46,7 +46,7 @@ _VERIFY_NAPARI = textwrap.dedent(
         path = w.SamWidget.get_weights_path(None, name)
         model = w.SAM_MODELS[name]["model"](path)
     else:
-        getter = getattr(w.SamWidget, "get_weights_path", None)
+        getter = getattr(getattr(w, "SamWidget", None), "get_weights_path", None)
         path = getter(None, name) if getter else importlib.import_module(pkg + ".utils").get_weights_path(name)
         model = w.sam_model_registry[name](path)
     expected = torch.load(path, weights_only=True)
@@ -64,6 +64,39 @@ _VERIFY_MICRO_SAM = textwrap.dedent(
     print(json.dumps({"checkpoint": sys.argv[1], "loaded": type(predictor).__name__}))
     """
 )
+
+
+_VERIFY_ISAT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from ISAT.segment_any.segment_any import SegAny
+    segany = SegAny(sys.argv[1], use_bfloat16=False)
+    expected = torch.load(sys.argv[1], weights_only=True)
+    same = all(torch.equal(v, expected[k]) for k, v in segany.predictor.model.state_dict().items())
+    print(json.dumps({"checkpoint": sys.argv[1], "model_type": segany.model_type, "weights_match": same}))
+    sys.exit(0 if same and segany.model_type == sys.argv[2] else 1)
+    """
+)
+
+_VERIFY_ANYLABELING = textwrap.dedent(
+    """
+    import json, sys
+    import yaml
+    from anylabeling.services.auto_labeling.segment_anything import SegmentAnything
+    config = yaml.safe_load(open(sys.argv[1], encoding="utf-8"))
+    config["config_file"] = sys.argv[1]
+    model = SegmentAnything(config, on_message=print)
+    print(json.dumps({"config": sys.argv[1], "loaded": type(model.model).__name__}))
+    """
+)
+
+#: PyPI tools patched like napari-sam: pip-install, locate the package, patch, load through its code.
+PYPI_TOOLS = {
+    "napari-segment-anything": {"packages": ("napari_segment_anything",), "verify": _VERIFY_NAPARI, "napari": True},
+    "isat-sam": {"packages": ("ISAT",), "verify": _VERIFY_ISAT},
+    "anylabeling": {"packages": ("anylabeling",), "verify": _VERIFY_ANYLABELING},
+}
 
 
 def _pip(python: str, requirements: list[str]) -> None:
@@ -111,6 +144,42 @@ def _install_micro_sam(args: dict) -> dict:
     if source and not args["skip_verify"]:
         proc = pyenv.run([python, "-c", _VERIFY_MICRO_SAM, str(source)], "load the model through micro-sam", capture_output=True, text=True)
         report["verified"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return report
+
+
+def _install_pypi_tool(tool: str, args: dict) -> dict:
+    from medico_adapters.engine import Tree
+
+    spec = PYPI_TOOLS[tool]
+    python = args["python"] or sys.executable
+    requirements = [f"{tool}=={args['version']}" if args["version"] else tool]
+    if spec.get("napari") and pyenv.dist_version(python, "napari") is None:
+        requirements += [f"napari=={GOOD_NAPARI}", "pyqt5"]
+    _pip(python, requirements)
+    root = args["path"] or pyenv.package_dir(python, spec["packages"])
+    if root is None:
+        raise PatchError(f"{python}: cannot find the installed {tool} package after installing it")
+    adapter = get_adapter(tool)
+    options = dict(args["options"])
+    if spec.get("napari") and "napari_compat" not in options:
+        from medico_adapters.adapters.napari_segment_anything import needs_labels_compat
+
+        options["napari_compat"] = needs_labels_compat(python)
+    result = patching.patch(adapter, root, checkpoint=args["checkpoint"], name=args["name"], options=options)
+    report = result.as_dict()
+    entry = next(e for e in result.entries if e.name == (args["name"] or "MedicoSAM"))
+    if not args["skip_verify"]:
+        tree = Tree(root)
+        targets = adapter.entry_targets(tree, adapter.detect(tree), entry, args["options"])
+        argv = {"napari-segment-anything": [spec["packages"][0], entry.name], "isat-sam": [str(targets[0]), entry.arch],
+                "anylabeling": [str(targets[-1])]}[tool]
+        proc = pyenv.run([python, "-c", spec["verify"], *argv], f"load the model through {tool}'s code",
+                    capture_output=True, text=True, env={**os.environ, "QT_QPA_PLATFORM": "offscreen"})
+        report["verified"] = json.loads(proc.stdout.strip().splitlines()[-1])
+    report["message"] = (
+        f"{tool} installed and patched at {root} (layout {result.layout}); {entry.name!r} is offered"
+        + ("; verified: the tool's own loader built it from the placed files" if "verified" in report else "")
+    )
     return report
 
 
@@ -172,6 +241,8 @@ def install(tool: str, *, version=None, ref=None, dest=None, path=None, checkpoi
         return _install_napari_sam(args)
     if tool == "micro-sam":
         return _install_micro_sam(args)
+    if tool in PYPI_TOOLS:
+        return _install_pypi_tool(tool, args)
     if tool in GIT_TOOLS:
         if version:
             raise MedicoError(f"{tool} is not on PyPI: use --ref COMMIT instead of --version")

@@ -112,14 +112,16 @@ def _source_checkpoint(checkpoint: str | os.PathLike | None, entry: Entry, trust
     return loaded
 
 
-def _writer(loaded: ckpt_mod.Checkpoint | None, checkpoint, entry: Entry, target: Path, trust: bool):
-    """Export lazily: a dry run never reads (or downloads) the checkpoint."""
+def _source(loaded: ckpt_mod.Checkpoint | None, checkpoint, entry: Entry, trust: bool):
+    """Load lazily, once: a dry run never reads (or downloads) the checkpoint."""
+    cache: list[ckpt_mod.Checkpoint] = [loaded] if loaded is not None else []
 
-    def write(tmp: Path) -> Path:
-        source = loaded or _source_checkpoint(checkpoint, entry, trust)
-        return ckpt_mod.write_plain(source, target, tmp)
+    def source() -> ckpt_mod.Checkpoint:
+        if not cache:
+            cache.append(_source_checkpoint(checkpoint, entry, trust))
+        return cache[0]
 
-    return write
+    return source
 
 
 def plan_patch(
@@ -147,6 +149,7 @@ def plan_patch(
             )
     layout = adapter.detect(tree)
     entries = [Entry.from_dict(d) for d in manifest.get("entries", [])]
+    previous = list(entries)
     merged_options = {**manifest.get("options", {}), **(options or {})}
 
     placements: list[engine.Placement] = []
@@ -156,7 +159,7 @@ def plan_patch(
         if not match:
             raise PatchError(f"{root}: has no patched entry named {remove!r} (entries: {', '.join(e.name for e in entries) or 'none'})")
         entries = [e for e in entries if e.name != remove]
-        removals.append(adapter.checkpoint_path(tree, layout, match[0], merged_options))
+        removals.extend(adapter.entry_targets(tree, layout, match[0], merged_options))
     else:
         loaded = None
         if name is not None:
@@ -180,9 +183,11 @@ def plan_patch(
             if validate is not None:
                 validate(tree, layout, entry)
             entries.append(entry)
-        target = adapter.checkpoint_path(tree, layout, entry, merged_options)
-        if checkpoint is not None or not _in_place(root, manifest, target):
-            placements.append(engine.Placement(entry, target, _writer(loaded, checkpoint, entry, target, trust)))
+        targets = adapter.entry_targets(tree, layout, entry, merged_options)
+        if checkpoint is not None or not all(_in_place(root, manifest, t) for t in targets):
+            placements.extend(adapter.entry_placements(tree, layout, entry, merged_options, _source(loaded, checkpoint, entry, trust)))
+    if entries:
+        placements.extend(adapter.registrations(tree, layout, entries, previous, merged_options))
 
     files: dict[str, bytes | None] = transform_files(adapter, tree, layout, entries, merged_options)
     # Files the kit adds (not upstream's): today's set, and None for those an earlier run added.
@@ -232,7 +237,8 @@ def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
             temps.append(tmp)
             placement.sha256 = engine.sha256_file(tmp)
             record = manifest.get("checkpoints", {}).get(engine.path_key(plan.root, placement.target))
-            if record and placement.sha256 == record.get("sha256") and _in_place(plan.root, manifest, placement.target):
+            # compared with the file on disk: a tool may have rewritten a shared file to the same content
+            if record and placement.target.is_file() and engine.sha256_file(placement.target) == placement.sha256:
                 tmp.unlink()
                 continue
             placement.write = None  # already at its staging path
@@ -301,7 +307,9 @@ def unpatch(adapter: Adapter, path: str | os.PathLike | None = None, *, name: st
             raise PatchError(f"{root}: has no patched entry named {name!r}")
         # A release the tool's updater installed over the patch stays: it is newer than the backup.
         updated = {rel for rel, state in file_states(adapter, Tree(root)).items() if state == UPDATED}
-        restored = engine.commit_unpatch(root, manifest, force=force, keep=updated)
+        restored = engine.commit_unpatch(
+            root, manifest, force=force, keep=updated, rewrites=adapter.unpatch_rewrites(root, manifest),
+        )
     return {"tool": adapter.tool, "path": str(root), "restored": restored, "recovered": recovered}
 
 
@@ -321,11 +329,12 @@ def status(adapter: Adapter, path: str | os.PathLike | None = None) -> dict:
         for key, record in manifest.get("checkpoints", {}).items():
             target = engine.key_path(root, key)
             present = target.is_file()
+            matching = adapter.placement_matching(target, record, manifest) if present else False
             checkpoints.append({
                 "path": str(target),
                 "entry": record.get("entry"),
                 "present": present,
-                "matching": present and engine.sha256_file(target) == record.get("sha256"),
+                "matching": present and (engine.sha256_file(target) == record.get("sha256") if matching is None else matching),
             })
     patched = bool(manifest) and all(v == "patched" for v in files.values())
     return {

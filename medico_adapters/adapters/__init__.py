@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from medico_adapters.adapters import napari_sam, samm, slicer_sws
+from medico_adapters.adapters import (
+    anylabeling,
+    isat_sam,
+    napari_sam,
+    napari_segment_anything,
+    samm,
+    slicer_sws,
+)
 from medico_adapters.adapters.base import Adapter
 from medico_adapters.errors import MedicoError
 
@@ -10,6 +17,9 @@ TOOLS: dict[str, Adapter] = {
     napari_sam.ADAPTER.tool: napari_sam.ADAPTER,
     samm.ADAPTER.tool: samm.ADAPTER,
     slicer_sws.ADAPTER.tool: slicer_sws.ADAPTER,
+    napari_segment_anything.ADAPTER.tool: napari_segment_anything.ADAPTER,
+    isat_sam.ADAPTER.tool: isat_sam.ADAPTER,
+    anylabeling.ADAPTER.tool: anylabeling.ADAPTER,
 }
 #: tools whose integration needs no source change (handled by medico_adapters.adapters.micro_sam).
 CACHE_TOOLS = ("micro-sam",)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import libcst as cst
 from libcst.codemod import CodemodContext, SkipFile, VisitorBasedCodemodCommand
 
-from medico_adapters.engine import Entry, Tree
+from medico_adapters.checkpoint import Checkpoint, write_plain
+from medico_adapters.engine import Entry, Placement, Tree
 from medico_adapters.errors import LayoutError, PatchError
 
 #: the URL scheme patched tools see for files the kit places; never downloadable.
@@ -83,6 +84,29 @@ class Adapter:
 
     def supported_archs(self, layout: Layout) -> tuple[str, ...]:
         return ("vit_b", "vit_l", "vit_h")
+
+    # Where an entry's files go. Most tools read one plain state dict; AnyLabeling reads an ONNX
+    # pair and a config, and registers models in a user file (see anylabeling.py).
+
+    def entry_targets(self, tree: Tree, layout: Layout, entry: Entry, options: dict) -> list[Path]:
+        return [self.checkpoint_path(tree, layout, entry, options)]
+
+    def entry_placements(self, tree: Tree, layout: Layout, entry: Entry, options: dict, source: Callable[[], Checkpoint]) -> list[Placement]:
+        """What to place for a new entry; ``source()`` loads (or downloads) its checkpoint lazily."""
+        target = self.checkpoint_path(tree, layout, entry, options)
+        return [Placement(entry, target, lambda tmp: write_plain(source(), target, tmp))]
+
+    def registrations(self, tree: Tree, layout: Layout, entries: Sequence[Entry], previous: Sequence[Entry], options: dict) -> list[Placement]:
+        """Files outside the tree that list the entries (rewritten whenever the entries change)."""
+        return []
+
+    def unpatch_rewrites(self, root: Path, manifest: dict) -> dict[str, bytes]:
+        """Placed files to rewrite, not restore, at unpatch (the tool edited them since)."""
+        return {}
+
+    def placement_matching(self, target: Path, record: dict, manifest: dict) -> bool | None:
+        """Whether a placed file still does its job, where a hash cannot tell (None: compare hashes)."""
+        return None
 
 
 def parse(tree: Tree, rel: str, source: bytes | None = None) -> cst.Module:

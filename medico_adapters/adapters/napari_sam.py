@@ -46,7 +46,13 @@ from medico_adapters.errors import LayoutError, PatchError
 
 PACKAGES = ("napari_sam", "napari_segment_anything")
 CACHE_SUBDIR = ".cache/napari-segment-anything"
-GUARD_HINT = "run `medico-adapters patch napari-sam` to place this checkpoint"
+
+
+def guard_hint(tool: str) -> str:
+    return f"run `medico-adapters patch {tool}` to place this checkpoint"
+
+
+GUARD_HINT = guard_hint("napari-sam")
 
 _SAM_MODELS = m.Assign(targets=[m.AssignTarget(target=m.Name("SAM_MODELS"))], value=m.Dict())
 _SAM_WEIGHTS_URL = m.Assign(targets=[m.AssignTarget(target=m.Name("SAM_WEIGHTS_URL"))], value=m.Dict())
@@ -224,9 +230,10 @@ class GuardLocalWeights(VisitorBasedCodemodCommand):
 
     DESCRIPTION = "Make get_weights_path explain, not download, a missing kit-placed checkpoint."
 
-    def __init__(self, context, table: str) -> None:
+    def __init__(self, context, table: str, tool: str = "napari-sam") -> None:
         super().__init__(context)
         self.table = table  # "SAM_MODELS" (N3) or "SAM_WEIGHTS_URL" (N1, N2)
+        self.hint = guard_hint(tool)  # the forks share this transform; each names its own command
         self.param: str | None = None
         self.done = False
 
@@ -245,7 +252,7 @@ class GuardLocalWeights(VisitorBasedCodemodCommand):
         return cst.ensure_type(
             cst.parse_statement(
                 f'if str({url}).startswith("{SCHEME}"):\n'
-                f'    raise FileNotFoundError(f"{{{path_name}}} is missing: {GUARD_HINT}")\n'
+                f'    raise FileNotFoundError(f"{{{path_name}}} is missing: {self.hint}")\n'
             ),
             cst.If,
         )
@@ -260,7 +267,7 @@ class GuardLocalWeights(VisitorBasedCodemodCommand):
         if not isinstance(body, cst.IndentedBlock):
             return updated
         first = body.body[0] if body.body else None
-        if first is not None and GUARD_HINT in cst.Module([]).code_for_node(first):
+        if first is not None and self.hint in cst.Module([]).code_for_node(first):
             self.done = True
             return updated
         path_name = test.expression.func.value.value
@@ -353,40 +360,55 @@ def napari_on_path_note(python: str | None, root: Path) -> str | None:
     )
 
 
+def widget_classes(module: cst.Module) -> set[str]:
+    return {stmt.name.value for stmt in module.body if isinstance(stmt, cst.ClassDef)}
+
+
 class NapariSamAdapter(Adapter):
     tool = "napari-sam"
     description = "napari-sam (MIC-DKFZ/napari-sam), PyPI releases 0.0.1 .. 0.4.13"
+    packages = PACKAGES
+    #: prepended to checkpoint file names; the forks share one cache folder (see napari_segment_anything.py).
+    filename_prefix = ""
 
     def locate(self, python: str | None = None) -> Path:
-        """The napari_sam package installed for ``python`` (default: the kit's own interpreter)."""
-        found = pyenv.package_dir(python, PACKAGES)
+        """The package installed for ``python`` (default: the kit's own interpreter)."""
+        found = pyenv.package_dir(python, self.packages)
         if found is not None:
             return found
         if python is not None:
-            raise PatchError(f"{python}: has no napari-sam installed; `medico-adapters install napari-sam --python {python}` installs it")
+            raise PatchError(f"{python}: has no {self.tool} installed; `medico-adapters install {self.tool} --python {python}` installs it")
         script = shutil.which("napari")
         theirs = pyenv.script_python(Path(script)) if script else None
         hint = f"; the napari command on PATH runs {theirs}: pass --python {theirs}" if theirs and pyenv.same_environment(theirs) is False else ""
         raise PatchError(
-            f"napari-sam is not installed for this kit's Python ({sys.executable}){hint}; "
-            "or run `medico-adapters install napari-sam`, or pass --path"
+            f"{self.tool} is not installed for this kit's Python ({sys.executable}){hint}; "
+            f"or run `medico-adapters install {self.tool}`, or pass --path"
         )
 
     def _package(self, tree: Tree) -> str:
         root = tree.root
-        if root.name in PACKAGES and (root / "_widget.py").is_file():
+        if root.name in self.packages and (root / "_widget.py").is_file():
             return ""
         for base in ("src/", ""):
-            for package in PACKAGES:
+            for package in self.packages:
                 if (root / base / package / "_widget.py").is_file():
                     return f"{base}{package}"
-        raise LayoutError(f"{root}: no napari_sam/_widget.py (looked in ., src/, napari_sam/, napari_segment_anything/)")
+        looked = ", ".join(f"{p}/" for p in self.packages)
+        raise LayoutError(f"{root}: no {self.packages[0]}/_widget.py (looked in ., src/, {looked})")
+
+    def check_widget(self, tree: Tree, widget: str, module: cst.Module) -> None:
+        """napari-sam 0.0.1 and royerlab's plugin share a package name; their widget classes differ."""
+        classes = widget_classes(module)
+        if "SAMWidget" in classes and "SamWidget" not in classes:
+            raise LayoutError(f"{tree.path(widget)}: is royerlab's napari-segment-anything (class SAMWidget); use `medico-adapters patch napari-segment-anything`")
 
     def detect(self, tree: Tree) -> Layout:
         pkg = self._package(tree)
         join = (lambda name: f"{pkg}/{name}") if pkg else (lambda name: name)
         widget, utils = join("_widget.py"), join("utils.py")
         module = parse(tree, widget)
+        self.check_widget(tree, widget, module)
         models = module_assignment(module, "SAM_MODELS")
         if models is not None:
             if not isinstance(models.value, cst.Dict):
@@ -413,23 +435,23 @@ class NapariSamAdapter(Adapter):
         if layout.name == "N3":
             return [
                 Step(widget, AddSamModelsEntry, {"entries": entries}),
-                Step(widget, GuardLocalWeights, {"table": "SAM_MODELS"}),
+                Step(widget, GuardLocalWeights, {"table": "SAM_MODELS", "tool": self.tool}),
                 *compat,
             ]
         urls = widget if layout.name == "N2" else layout.files[1]
         return [
             Step(urls, AddWeightsUrl, {"entries": entries}),
-            Step(urls, GuardLocalWeights, {"table": "SAM_WEIGHTS_URL"}),
+            Step(urls, GuardLocalWeights, {"table": "SAM_WEIGHTS_URL", "tool": self.tool}),
             Step(widget, ExtendModelRegistry, {"entries": entries}),
             *compat,
         ]
 
     def default_entry(self) -> Entry:
-        return Entry("MedicoSAM", "vit_b", MEDICOSAM_FILENAME, default=True)
+        return Entry("MedicoSAM", "vit_b", self.filename_prefix + MEDICOSAM_FILENAME, default=True)
 
     def custom_entry(self, name: str, arch: str) -> Entry:
         check_display_name(name)
-        return Entry(name, arch, f"{arch}_{slug(name)}.pt")
+        return Entry(name, arch, f"{self.filename_prefix}{arch}_{slug(name)}.pt")
 
     def validate_entry(self, tree: Tree, layout: Layout, entry: Entry) -> None:
         table = "SAM_MODELS" if layout.name == "N3" else "SAM_WEIGHTS_URL"
