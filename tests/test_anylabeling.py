@@ -147,7 +147,7 @@ def place_exported(exported, monkeypatch):
 
 
 def _home_files(home: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file() and "cache" not in p.name}
+    return {str(p.relative_to(home)): p.read_bytes() for p in sorted(home.rglob("*")) if p.is_file() and not any("cache" in part for part in p.relative_to(home).parts)}
 
 
 def test_patch_places_config_and_registers_custom_model(tmp_path, checkpoints, place_exported, _isolated_home):
