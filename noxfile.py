@@ -12,7 +12,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 import site
+import sys
 from pathlib import Path
 
 import nox
@@ -35,34 +37,41 @@ def link_base(session: nox.Session) -> None:
     Path(venv_site, "_medico_base_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
 
-def record(tool: str, version: str, layout: str, loaded: str) -> None:
+def record(tool: str, version: str, layout: str, loaded: str, window: str | None = None) -> None:
+    """Write a row; ``window`` marks it proven in a real napari window (kept when a headless run rewrites it)."""
     rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    rows[f"{tool} {version}"] = {
-        "tool": tool, "version": version, "layout": layout, "patched": "yes",
+    key = f"{tool} {version}"
+    rows[key] = {
+        **rows.get(key, {}), "tool": tool, "version": version, "layout": layout, "patched": "yes",
         "loaded": loaded, "date": datetime.date.today().isoformat(),
     }
+    if window is not None:
+        rows[key]["window"] = window
     RESULTS.write_text(json.dumps(rows, indent=2, sort_keys=True) + "\n")
     lines = [
         "# Compatibility",
         "",
         "Written by the nox integration sessions (`nox -t integration`). \"Loaded\" means the tool's own",
         "model-loading code built SAM from the placed checkpoint and its weights matched (random",
-        "weights of the real architecture: plumbing, not accuracy).",
+        "weights of the real architecture: plumbing, not accuracy). \"Real window\" rows were also driven",
+        "through a shown napari window (`nox -t gui`): plugin dock, combo box, buttons, canvas clicks.",
         "",
-        "| tool | version / commit | layout | patched | loaded by the tool's code | date |",
-        "|---|---|---|---|---|---|",
+        "| tool | version / commit | layout | patched | loaded by the tool's code | date | real window |",
+        "|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['tool']} | {r['version']} | {r['layout']} | {r['patched']} | {r['loaded']} | {r['date']} |" for r in rows.values()]
+    lines += [f"| {r['tool']} | {r['version']} | {r['layout']} | {r['patched']} | {r['loaded']} | {r['date']} | {r.get('window', '—')} |" for r in rows.values()]
     REPORT.write_text("\n".join(lines) + "\n")
 
 
-def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None) -> None:
+def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None,
+                    launcher: tuple[str, ...] = ()) -> None:
     link_base(session)
     if requirements:
         session.install(*requirements)
     session.install("--no-deps", "-e", ".")
     session.run("python", "-m", "pip", "freeze", silent=False)
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env or {})
+    session.run(*launcher, "python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env or {},
+                external=bool(launcher))
 
 
 @nox.session
@@ -102,6 +111,63 @@ def napari_sam_newest_napari(session: nox.Session) -> None:
         "python", "-c", "from importlib.metadata import version as v; print(v('napari-sam'), v('napari'))", silent=True
     ).split()
     record("napari-sam", f"{versions[0]} (napari {versions[1]})", "N3 + compat", "yes")
+
+
+XVFB = ("xvfb-run", "-a", "-s", "-screen 0 1280x1024x24")
+
+
+def display_launcher(session: nox.Session) -> tuple[str, ...]:
+    """Xvfb where installed (a fixed 1280x1024 screen, the developer's desktop left alone), else the display."""
+    if shutil.which("xvfb-run"):
+        return XVFB
+    if sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return ()
+    session.skip(
+        "no display and no xvfb-run: install xvfb xauth libgl1 libgl1-mesa-dri libegl1 libdbus-1-3 "
+        "libxkbcommon-x11-0 and the libxcb-* packages that .ci/run lists, or run under a desktop session"
+    )
+
+
+def napari_sam_gui(session: nox.Session, napari_sam: str, requirements: list[str], layout: str, qt_api: str,
+                   demo: bool = False) -> None:
+    """Drive the patched napari-sam in a shown napari window; screenshots go to integration/gui-shots/.
+
+    ``demo``: also run ``medico-adapters demo`` with the display, which then saves window.png.
+    """
+    launcher = display_launcher(session)
+    # the copy the test patches must live in this venv, never in the base environment linked in
+    session.install("--no-deps", "--ignore-installed", napari_sam)
+    shots = ROOT / "integration" / "gui-shots" / session.name
+    shutil.rmtree(shots, ignore_errors=True)
+    # napari's pytest plugin imports napari, which builds its icons under the HOME of that moment,
+    # before the tests move HOME: the window would then find none
+    env = {"QT_API": qt_api, "MEDICO_GUI_SHOTS": str(shots), "PYTEST_ADDOPTS": "-p no:napari"}
+    if launcher:
+        env["QT_QPA_PLATFORM"] = "xcb"
+    run_integration(session, "napari-sam", requirements, "integration/test_napari_gui.py", env=env, launcher=launcher)
+    if not any(shots.glob("*.png")):
+        session.skip("the GUI test skipped (its reason is above): nothing recorded")
+    if demo:
+        session.run(*launcher, "python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s",
+                    "integration/test_demo_real.py::test_demo_saves_the_real_window", env=env, external=bool(launcher))
+    versions = session.run(
+        "python", "-c", "from importlib.metadata import version as v; print(v('napari-sam'), v('napari'))", silent=True
+    ).split()
+    where = "Xvfb" if launcher else "desktop"
+    record("napari-sam", f"{versions[0]} (napari {versions[1]})", layout, "yes", window=f"yes ({qt_api}, {where})")
+
+
+@nox.session(name="napari-sam-gui-0.5.6", tags=["integration", "gui"])
+def napari_sam_gui_056(session: nox.Session) -> None:
+    """The napari the demo installs; also the demo's own window capture."""
+    napari_sam_gui(session, "napari-sam==0.4.13", ["napari-sam==0.4.13", GOOD_NAPARI, "pyqt5"], "N3", "pyqt5", demo=True)
+
+
+@nox.session(name="napari-sam-gui-newest", tags=["integration", "gui"])
+def napari_sam_gui_newest(session: nox.Session) -> None:
+    """The newest napari with the Qt binding its ``[all]`` extra picks: the compat transforms' proof."""
+    # --upgrade: a napari in the linked base environment must not satisfy "newest"
+    napari_sam_gui(session, "napari-sam", ["--upgrade", "napari-sam", "napari[pyqt]"], "N3 + compat", "pyqt6")
 
 
 @nox.session(tags=["integration", "micro-sam"])
