@@ -250,6 +250,15 @@ def choose_checkpoint(checkpoint: str | os.PathLike | None, tmp: Path) -> dict:
 # --- pictures --------------------------------------------------------------------------------------
 
 
+def _png(picture) -> bytes:
+    """A PIL image as PNG bytes, for fsio to write atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _font(size: int):
     from PIL import ImageFont
 
@@ -322,14 +331,12 @@ def render_overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None
     out.paste(banner, (0, 0))
     out.paste(picture, (0, banner.height))
     out.paste(legend, (0, banner.height + picture.height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out.save(path)
-    return path
+    return fsio.atomic_write(path, _png(out))
 
 
 def grab_widget(widget, path: Path, highlight: str = "MedicoSAM") -> Path:
     """Save the widget and, beside it, its model list with ``highlight`` selected (offscreen Qt)."""
-    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtCore import QBuffer, QByteArray, QIODevice, QPoint, Qt
     from qtpy.QtGui import QColor, QFont, QPainter, QPixmap
     from qtpy.QtWidgets import QApplication, QListWidget
 
@@ -369,25 +376,24 @@ def grab_widget(widget, path: Path, highlight: str = "MedicoSAM") -> Path:
     items.close()
     if not docked:
         widget.hide()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not canvas.save(str(path)):
-        raise DemoError(f"{path}: Qt could not write the screenshot")
-    return path
+    data = QByteArray()
+    buffer = QBuffer(data)
+    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+    if not canvas.save(buffer, "PNG"):
+        raise DemoError(f"{path}: Qt could not encode the screenshot")
+    buffer.close()
+    return fsio.atomic_write(path, bytes(data))
 
 
 def grab_window(viewer) -> bytes:
     """The whole shown napari window (menus, layer list, canvas, docked widget) as PNG bytes."""
-    import io
-
     from PIL import Image
     from qtpy.QtWidgets import QApplication
 
     for _ in range(5):  # let the canvas repaint with the new mask before reading it back
         QApplication.processEvents()
         time.sleep(0.05)
-    buffer = io.BytesIO()
-    Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
+    return _png(Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).convert("RGB"))
 
 
 # --- the demo --------------------------------------------------------------------------------------
