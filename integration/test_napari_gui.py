@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from medico_adapters import fsio, phantom
+from medico_adapters.adapters.napari_sam import needs_layers_compat
 
 # Neither is imported here: napari builds its icon theme under the home it sees when imported,
 # which must be the test's own, and the patch must land before napari-sam is imported.
@@ -85,11 +86,14 @@ def training_checkpoint(tmp_path, vit_b_state):
 @pytest.fixture
 def patched_napari_sam(training_checkpoint, _isolated_home):
     """The installed napari-sam patched through the kit's CLI; restored byte for byte afterwards."""
+    widget = Path(list(importlib.util.find_spec("napari_sam").submodule_search_locations)[0]) / "_widget.py"
+    upstream = widget.read_bytes()
     result = _kit("patch", "napari-sam", "--checkpoint", str(training_checkpoint), home=_isolated_home)
     try:
         yield result
     finally:
         _kit("unpatch", "napari-sam", home=_isolated_home)
+        assert widget.read_bytes() == upstream
 
 
 def _settle(seconds: float = 0.3) -> None:
@@ -151,6 +155,8 @@ def test_patched_napari_sam_in_a_real_window(patched_napari_sam, shots, vit_b_st
     from qtpy.QtTest import QTest
 
     assert patched_napari_sam["changed"] == ["_widget.py"] and patched_napari_sam["layout"] == "N3"
+    patched = (Path(patched_napari_sam["path"]) / "_widget.py").read_text(encoding="utf-8")
+    assert ("events.layers_change" in patched) != needs_layers_compat()  # the CLI chose the compat transforms
     ph = phantom.make_phantom(SHAPE)
     volume = ph.volume[SLAB]
     lesion, liver = ph.landmarks["lesion"], ph.landmarks["liver"]
