@@ -51,11 +51,14 @@ def link_base(session: nox.Session) -> None:
     Path(venv_site, "_medico_base_env.pth").write_text("\n".join(site.getsitepackages()) + "\n")
 
 
-def record(tool: str, version: str, layout: str, loaded: str) -> None:
-    compat_report.record(COMPAT_DIR, tool, version, layout, loaded)
+def record(tool: str, version: str, layout: str, loaded: str, window: str | None = None) -> None:
+    """Write this OS's row; ``window`` marks it proven in a real napari window (kept when a
+    headless run refreshes the row)."""
+    compat_report.record(COMPAT_DIR, tool, version, layout, loaded, window=window)
 
 
-def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None) -> None:
+def run_integration(session: nox.Session, tool: str, requirements: list[str], tests: str, env: dict | None = None,
+                    launcher: tuple[str, ...] = ()) -> None:
     link_base(session)
     if requirements:
         session.install(*requirements)
@@ -67,7 +70,8 @@ def run_integration(session: nox.Session, tool: str, requirements: list[str], te
     shutil.rmtree(home, ignore_errors=True)
     home.mkdir()
     env = {"HOME": str(home), "USERPROFILE": str(home), **(env or {})}
-    session.run("python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env)
+    session.run(*launcher, "python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", tests, env=env,
+                external=bool(launcher))
 
 
 @nox.session
@@ -107,6 +111,63 @@ def napari_sam_newest_napari(session: nox.Session) -> None:
         "python", "-c", "from importlib.metadata import version as v; print(v('napari-sam'), v('napari'))", silent=True
     ).split()
     record("napari-sam", f"{versions[0]} (napari {versions[1]})", "N3 + compat", "yes")
+
+
+XVFB = ("xvfb-run", "-a", "-s", "-screen 0 1280x1024x24")
+
+
+def display_launcher(session: nox.Session) -> tuple[str, ...]:
+    """Xvfb where installed (a fixed 1280x1024 screen, the developer's desktop left alone), else the display."""
+    if shutil.which("xvfb-run"):
+        return XVFB
+    if sys.platform in ("darwin", "win32") or os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"):
+        return ()
+    session.skip(
+        "no display and no xvfb-run: install xvfb xauth libgl1 libgl1-mesa-dri libegl1 libdbus-1-3 "
+        "libxkbcommon-x11-0 and the libxcb-* packages that .ci/run lists, or run under a desktop session"
+    )
+
+
+def napari_sam_gui(session: nox.Session, napari_sam: str, requirements: list[str], layout: str, qt_api: str,
+                   demo: bool = False) -> None:
+    """Drive the patched napari-sam in a shown napari window; screenshots go to integration/gui-shots/.
+
+    ``demo``: also run ``medico-adapters demo`` with the display, which then saves window.png.
+    """
+    launcher = display_launcher(session)
+    # the copy the test patches must live in this venv, never in the base environment linked in
+    session.install("--no-deps", "--ignore-installed", napari_sam)
+    shots = ROOT / "integration" / "gui-shots" / session.name
+    shutil.rmtree(shots, ignore_errors=True)
+    # napari's pytest plugin imports napari, which builds its icons under the HOME of that moment,
+    # before the tests move HOME: the window would then find none
+    env = {"QT_API": qt_api, "MEDICO_GUI_SHOTS": str(shots), "PYTEST_ADDOPTS": "-p no:napari"}
+    if launcher:
+        env["QT_QPA_PLATFORM"] = "xcb"
+    run_integration(session, "napari-sam", requirements, "integration/test_napari_gui.py", env=env, launcher=launcher)
+    if not any(shots.glob("*.png")):
+        session.skip("the GUI test skipped (its reason is above): nothing recorded")
+    if demo:
+        session.run(*launcher, "python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s",
+                    "integration/test_demo_real.py::test_demo_saves_the_real_window", env=env, external=bool(launcher))
+    versions = session.run(
+        "python", "-c", "from importlib.metadata import version as v; print(v('napari-sam'), v('napari'))", silent=True
+    ).split()
+    where = "Xvfb" if launcher else "desktop"
+    record("napari-sam", f"{versions[0]} (napari {versions[1]})", layout, "yes", window=f"yes ({qt_api}, {where})")
+
+
+@nox.session(name="napari-sam-gui-0.5.6", tags=["integration", "gui"])
+def napari_sam_gui_056(session: nox.Session) -> None:
+    """The napari the demo installs; also the demo's own window capture."""
+    napari_sam_gui(session, "napari-sam==0.4.13", ["napari-sam==0.4.13", GOOD_NAPARI, "pyqt5"], "N3", "pyqt5", demo=True)
+
+
+@nox.session(name="napari-sam-gui-newest", tags=["integration", "gui"])
+def napari_sam_gui_newest(session: nox.Session) -> None:
+    """The newest napari with the Qt binding its ``[all]`` extra picks: the compat transforms' proof."""
+    # --upgrade: a napari in the linked base environment must not satisfy "newest"
+    napari_sam_gui(session, "napari-sam", ["--upgrade", "napari-sam", "napari[pyqt]"], "N3 + compat", "pyqt6")
 
 
 @nox.session(tags=["integration", "micro-sam"])

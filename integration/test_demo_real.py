@@ -60,7 +60,7 @@ def test_demo_runs_the_real_widget(tmp_path, _isolated_home):
     ckpt = report["checkpoint"]
     if ckpt["standin"]:
         assert ckpt["kind"] == "standin" and "not MedicoSAM" in ckpt["label"]
-        assert "plumbing check, not accuracy" in (out / "report.md").read_text().lower()
+        assert "plumbing check, not accuracy" in (out / "report.md").read_bytes().decode("utf-8").lower()
         assert "plumbing check, not accuracy" in proc.stdout
     for phase in ("get_files", "patch", "widget_build", "model_load", "embedding_click", "embedding", "click", "total"):
         assert report["timings_s"][phase] >= 0, phase
@@ -77,3 +77,34 @@ def test_demo_runs_the_real_widget(tmp_path, _isolated_home):
     assert not (_isolated_home / ".cache" / "napari-segment-anything").exists()
     assert _installed_widget_digest() == installed_before
     assert report["temp_dir"] is None
+
+
+def test_demo_saves_the_real_window(tmp_path, _isolated_home):
+    """With a display (``nox -t gui`` runs this under Xvfb) the demo also saves the shown window."""
+    from medico_adapters.demo import WINDOW_SIZE, display_available
+
+    if not display_available():
+        pytest.skip("no display: run under xvfb-run or on a desktop (nox -t gui)")
+    out = tmp_path / "demo-out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "medico_adapters", "demo", "--out", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "docked in a shown napari window" in proc.stdout and "window: " in proc.stdout
+
+    report = json.loads((out / "report.json").read_bytes().decode("utf-8"))
+    assert report["napari"]["window"] is True
+    assert report["outputs"]["window"] == str(out / "window.png")
+    assert report["result"]["sam_logits"] is True
+    md = (out / "report.md").read_bytes().decode("utf-8")
+    assert "a screenshot of the real napari window" in md and "not a screenshot" in md
+    assert "↳ of which embedding" in md
+
+    from PIL import Image
+
+    window = Image.open(out / "window.png")
+    assert window.width >= 0.6 * WINDOW_SIZE[0] and window.height >= 0.6 * WINDOW_SIZE[1]  # a small screen caps it
+    assert len(window.convert("RGB").getcolors(1 << 16) or range(1 << 16)) > 100  # a rendered window, not a blank
+    assert Image.open(out / "overlay.png").size != window.size
+    assert not (_isolated_home / ".cache" / "napari-segment-anything").exists()

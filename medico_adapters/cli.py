@@ -458,9 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_trust(p)
 
-    p = _sub(subs, "demo", "Run napari-sam's real widget headless on a CT phantom with MedicoSAM (a patched temporary copy).", cmd_demo)
-    p.add_argument("--out", default="medico-demo", metavar="DIR", help="where overlay.png, report.md and report.json go (default ./medico-demo)")
-    p.add_argument("--screenshot", metavar="PATH", help="also save a PNG of the widget and its model list (offscreen Qt grab)")
+    p = _sub(subs, "demo", "Run napari-sam's real widget on a CT phantom with MedicoSAM (a patched temporary copy); "
+             "with a display it is docked in a shown napari window, saved as window.png.", cmd_demo)
+    p.add_argument("--out", default="medico-demo", metavar="DIR", help="where overlay.png, window.png (with a display), report.md and report.json go (default ./medico-demo)")
+    p.add_argument("--screenshot", metavar="PATH", help="also save a PNG of the widget and its model list (Qt grab)")
     p.add_argument("--checkpoint", metavar="CKPT", help="weights to load (default: cached MedicoSAM, else a labelled random stand-in)")
     p.add_argument("--napari-sam-version", metavar="V", help="use this napari-sam release from PyPI instead of the installed copy")
     p.add_argument("--target", choices=["lesion", "liver"], default="lesion", help="what the click lands on (default lesion)")

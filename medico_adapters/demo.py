@@ -1,10 +1,12 @@
 """``medico-adapters demo``: MedicoSAM inside napari-sam's real widget, end to end, offline.
 
 In a temporary folder: take napari-sam's files (the installed copy, or the wheel from PyPI),
-patch that copy (never the installed one), build the real ``SamWidget`` headless, load MedicoSAM
+patch that copy (never the installed one), build the real ``SamWidget``, load MedicoSAM
 through the widget's own ``_load_model`` and click the lesion of a CT-like phantom through its own
-``do_point_click``. HOME (and the XDG folders) point into the temporary folder for the whole run,
-so the widget's checkpoint cache and napari's settings never touch the user's real home.
+``do_point_click``. HOME (with its Windows and XDG counterparts) points into the temporary folder
+for the whole run, so the widget's checkpoint cache and napari's settings never touch the user's
+real home. Where a display exists (a desktop, or ``xvfb-run``) the widget is docked in a shown
+napari window and that window is saved too (``window.png``); elsewhere Qt runs offscreen.
 
 Without a cached MedicoSAM checkpoint the run uses a random-weight ViT-B stand-in: the mask is
 meaningless and every output says so ("plumbing check, not accuracy").
@@ -37,11 +39,30 @@ from medico_adapters.errors import MedicoError
 NAPARI_HINT = 'pip install "napari==0.5.6" pyqt5 napari-sam'
 STANDIN_NOTE = "random-weight stand-in: plumbing check, not accuracy"
 QT_BINDINGS = ("PyQt5", "PyQt6", "PySide2", "PySide6")
-HOME_VARS = ("HOME", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "XDG_STATE_HOME")
+#: where each OS looks for a home or per-user folder, and the folder it gets inside the demo's home.
+#: Path.home() reads USERPROFILE on Windows (HOME elsewhere); platformdirs (napari's settings)
+#: reads LOCALAPPDATA/APPDATA on Windows and the XDG variables on Linux.
+HOME_REDIRECTS = (
+    ("HOME", "."), ("USERPROFILE", "."),
+    ("LOCALAPPDATA", "AppData/Local"), ("APPDATA", "AppData/Roaming"),
+    ("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config"),
+    ("XDG_DATA_HOME", ".local/share"), ("XDG_STATE_HOME", ".local/state"),
+)
+HOME_VARS = (*(key for key, _ in HOME_REDIRECTS), "XAUTHORITY")
+WINDOW_SIZE = (1200, 820)
 MASK_RGB = (255, 140, 0)
 TRUTH_RGB = (60, 220, 90)
 CLICK_RGB = (0, 200, 255)
 SCALE = 5  # overlay pixels per phantom pixel
+FILE_NOTES = {
+    "overlay": "a picture the kit composed (not a screenshot): the phantom slice enlarged, the widget's mask "
+               "(orange), the phantom's truth outline (green) and the click (cyan)",
+    "window": "a screenshot of the real napari window, as a user sees it: napari-sam's widget docked beside "
+              "the phantom slice and the mask layer the click filled",
+    "screenshot": "the widget and its model list (Qt grab)",
+}
+NO_WINDOW = ("no display here (DISPLAY/WAYLAND_DISPLAY unset, or QT_QPA_PLATFORM=offscreen), so Qt ran "
+             "offscreen; run the demo on a desktop or under `xvfb-run -a` to also save the real window")
 
 
 class DemoError(MedicoError):
@@ -91,15 +112,26 @@ class _Phases:
         self.say(f"[demo]   done in {seconds:.1f} s")
 
 
+def display_available() -> bool:
+    """Whether Qt can show a window: a desktop on macOS/Windows, X11/Wayland (or xvfb-run) elsewhere."""
+    if os.environ.get("QT_QPA_PLATFORM", "") in ("offscreen", "minimal"):
+        return False
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+
+
 @contextlib.contextmanager
 def isolated_home(home: Path) -> Iterator[Path]:
-    """Point HOME and the XDG folders at ``home``; restore them afterwards."""
+    """Point every home and per-user folder variable into ``home``; restore them afterwards."""
     saved = {k: os.environ.get(k) for k in HOME_VARS}
+    xauthority = Path.home() / ".Xauthority"
     home.mkdir(parents=True, exist_ok=True)
-    os.environ["HOME"] = str(home)
-    for key, sub in (("XDG_CACHE_HOME", ".cache"), ("XDG_CONFIG_HOME", ".config"),
-                     ("XDG_DATA_HOME", ".local/share"), ("XDG_STATE_HOME", ".local/state")):
+    for key, sub in HOME_REDIRECTS:
         os.environ[key] = str(home / sub)
+    if saved["XAUTHORITY"] is None and xauthority.is_file():
+        # X11 finds its cookie in ~/.Xauthority unless told; a moved HOME would lose the display
+        os.environ["XAUTHORITY"] = str(xauthority)
     try:
         if Path.home().resolve() != home.resolve():
             raise DemoError(f"{home}: could not redirect HOME for the demo; refusing to touch the real cache")
@@ -218,6 +250,15 @@ def choose_checkpoint(checkpoint: str | os.PathLike | None, tmp: Path) -> dict:
 # --- pictures --------------------------------------------------------------------------------------
 
 
+def _png(picture) -> bytes:
+    """A PIL image as PNG bytes, for fsio to write atomically."""
+    import io
+
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def _font(size: int):
     from PIL import ImageFont
 
@@ -290,19 +331,19 @@ def render_overlay(image: np.ndarray, mask: np.ndarray, truth: np.ndarray | None
     out.paste(banner, (0, 0))
     out.paste(picture, (0, banner.height))
     out.paste(legend, (0, banner.height + picture.height))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out.save(path)
-    return path
+    return fsio.atomic_write(path, _png(out))
 
 
 def grab_widget(widget, path: Path, highlight: str = "MedicoSAM") -> Path:
     """Save the widget and, beside it, its model list with ``highlight`` selected (offscreen Qt)."""
-    from qtpy.QtCore import QPoint, Qt
+    from qtpy.QtCore import QBuffer, QByteArray, QIODevice, QPoint, Qt
     from qtpy.QtGui import QColor, QFont, QPainter, QPixmap
     from qtpy.QtWidgets import QApplication, QListWidget
 
-    widget.resize(max(widget.sizeHint().width(), 380), widget.sizeHint().height())
-    widget.show()
+    docked = widget.isVisible()  # in a shown window: grab it in place, never resize or hide it
+    if not docked:
+        widget.resize(max(widget.sizeHint().width(), 380), widget.sizeHint().height())
+        widget.show()
     QApplication.processEvents()
     shot = widget.grab()
 
@@ -333,11 +374,26 @@ def grab_widget(widget, path: Path, highlight: str = "MedicoSAM") -> Path:
     painter.drawPixmap(QPoint(shot.width() + 2 * pad, pad + title_h), popup)
     painter.end()
     items.close()
-    widget.hide()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not canvas.save(str(path)):
-        raise DemoError(f"{path}: Qt could not write the screenshot")
-    return path
+    if not docked:
+        widget.hide()
+    data = QByteArray()
+    buffer = QBuffer(data)
+    buffer.open(QIODevice.OpenModeFlag.WriteOnly)
+    if not canvas.save(buffer, "PNG"):
+        raise DemoError(f"{path}: Qt could not encode the screenshot")
+    buffer.close()
+    return fsio.atomic_write(path, bytes(data))
+
+
+def grab_window(viewer) -> bytes:
+    """The whole shown napari window (menus, layer list, canvas, docked widget) as PNG bytes."""
+    from PIL import Image
+    from qtpy.QtWidgets import QApplication
+
+    for _ in range(5):  # let the canvas repaint with the new mask before reading it back
+        QApplication.processEvents()
+        time.sleep(0.05)
+    return _png(Image.fromarray(viewer.screenshot(canvas_only=False, flash=False)).convert("RGB"))
 
 
 # --- the demo --------------------------------------------------------------------------------------
@@ -382,9 +438,11 @@ def run(
         report["checkpoint"] = ckpt
         say(f"[demo]   {ckpt['label']}")
 
+        window = display_available()
         # the viewer closes (ExitStack) before HOME is restored: its teardown runs widget code too
         with isolated_home(tmp / "home"), contextlib.ExitStack() as closing:
-            os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+            if not window:
+                os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
             with phases("get_files", "getting napari-sam's files into a temporary folder"):
                 files = get_napari_sam(tmp, napari_sam_version)
             say(f"[demo]   napari-sam {files['version']}: {files['source']}")
@@ -401,9 +459,12 @@ def run(
             say(f"[demo]   layout {result.layout}; changed {', '.join(result.changed)}"
                 + ("; napari>=0.6.2 compat" if options else ""))
 
-            with phases("widget_build", "building napari-sam's real widget headless (offscreen Qt)"):
+            where = "docked in a shown napari window" if window else "headless (offscreen Qt)"
+            with phases("widget_build", f"building napari-sam's real widget, {where}"):
                 import napari
 
+                # Import order matters with a window: the widget module loads torch and torchvision,
+                # whose triton (Linux torch wheels) segfaults if it loads after Mesa's OpenGL LLVM.
                 widget_module = _import_copy(files["site"], f"{files['package']}._widget")
                 widget_file = Path(widget_module.__file__).resolve()
                 if not widget_file.is_relative_to(tmp.resolve()):
@@ -411,11 +472,14 @@ def run(
                 ph = phantom.make_phantom()
                 z = ph.middle
                 image = phantom.window(ph.volume[z], *phantom.WINDOWS["soft_tissue"])
-                viewer = napari.Viewer(show=False)
+                viewer = napari.Viewer(show=window, title="medico-adapters demo: napari-sam + MedicoSAM")
                 closing.callback(_close_quietly, viewer)
                 viewer.add_image(image, name="phantom CT (W400/L40)")
                 viewer.add_labels(np.zeros(image.shape, dtype=np.int32), name="mask")
                 widget = widget_module.SamWidget(viewer)
+                if window:
+                    viewer.window.resize(*WINDOW_SIZE)
+                    viewer.window.add_dock_widget(widget, name="Segment Anything (patched copy)", area="right")
 
             with phases("model_load", "selecting MedicoSAM and running the widget's _load_model"):
                 combo = widget.cb_model_type
@@ -431,7 +495,7 @@ def run(
 
             shot_path = None
             if screenshot is not None:
-                with phases("screenshot", "grabbing the widget with MedicoSAM loaded (offscreen Qt)"):
+                with phases("screenshot", "grabbing the widget with MedicoSAM loaded (Qt grab)"):
                     shot_path = grab_widget(widget, screenshot)
 
             click = tuple(int(v) for v in ph.landmarks[target][1:])
@@ -452,6 +516,11 @@ def run(
             phases.timings["embedding"] = round(embed_s, 3)
             phases.timings["click"] = round(click_s, 3)
 
+            window_png = None
+            if window:
+                with phases("window", "saving the real napari window (widget, image, mask)"):
+                    window_png = grab_window(viewer)
+
         truth = ph.mask(target)[z]
         report.update({
             "napari_sam": {
@@ -460,7 +529,8 @@ def run(
                 "widget_module": str(widget_file), "model_list": items, "selected": selected, "after_load": loaded,
             },
             "napari": {"version": _version("napari") or getattr(napari, "__version__", "unknown"),
-                       "qt_platform": os.environ.get("QT_QPA_PLATFORM")},
+                       "qt_platform": os.environ.get("QT_QPA_PLATFORM"), "window": window,
+                       "display": os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")},
             "device": device,
             "phantom": {"shape": list(ph.volume.shape), "spacing_mm": list(ph.spacing), "slice": z,
                         "window": "soft tissue W400/L40 -> uint8", "target": target, "click_yx": list(click)},
@@ -480,6 +550,8 @@ def run(
         volume_path = phantom.write(ph, out / "phantom.nii.gz")
         outputs = {"overlay": str(overlay), "report_md": str(out / "report.md"), "report_json": str(out / "report.json"),
                    "phantom": volume_path}
+        if window_png is not None:
+            outputs["window"] = str(fsio.atomic_write(out / "window.png", window_png))
         if shot_path is not None:
             outputs["screenshot"] = str(shot_path)
         report["outputs"] = outputs
@@ -530,7 +602,9 @@ def markdown(report: dict) -> str:
         f"| napari-sam | {ns['version']} ({ns['source']}) |",
         f"| layout | {ns['layout']}; changed {', '.join(ns['changed'])}"
         + ("; napari>=0.6.2 layers_change compat" if ns["napari_compat"] else "") + " |",
-        f"| napari | {report['napari']['version']} (QT_QPA_PLATFORM={report['napari']['qt_platform']}) |",
+        f"| napari | {report['napari']['version']} ("
+        + (f"shown window on display {report['napari'].get('display') or 'of this desktop'}"
+           if report["napari"].get("window") else f"QT_QPA_PLATFORM={report['napari']['qt_platform']}") + ") |",
         f"| checkpoint | {ck['label']} — `{ck['path']}`"
         + (" (temporary, removed after the run)" if ck["standin"] and not report.get("temp_dir") else "") + " |",
         f"| stand-in | {'yes — ' + STANDIN_NOTE if standin else 'no'} |",
@@ -549,10 +623,14 @@ def markdown(report: dict) -> str:
         "get_files": "get napari-sam's files", "patch": "patch the copy (incl. checkpoint export)",
         "widget_build": "import napari + viewer + widget build", "model_load": "model load (`_load_model`)",
         "embedding_click": "embedding + click", "embedding": "↳ of which embedding (`_activate`)",
-        "click": "↳ of which click (`do_point_click`)", "screenshot": "widget screenshot", "total": "**total**",
+        "click": "↳ of which click (`do_point_click`)", "screenshot": "widget screenshot",
+        "window": "window screenshot", "total": "**total**",
     }
     lines += [f"| {names.get(k, k)} | {v:.2f} |" for k, v in t.items()]
-    lines += ["", "## Files", ""] + [f"- {k}: `{v}`" for k, v in report["outputs"].items()]
+    lines += ["", "## Files", ""]
+    lines += [f"- {k}: `{v}`" + (f" — {FILE_NOTES[k]}" if k in FILE_NOTES else "") for k, v in report["outputs"].items()]
+    if "window" not in report["outputs"]:
+        lines.append(f"- no window.png: {NO_WINDOW}")
     if r["empty"]:
         lines += ["", "The mask is empty: the widget ran end to end, but SAM predicted no foreground"
                   + (" (expected with random weights)." if standin else ".")]
@@ -574,4 +652,6 @@ def summary(report: dict) -> str:
         lines.append(f"  note: {STANDIN_NOTE}; {ck['why']}")
     lines.append("  timings: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
     lines += [f"  {k}: {v}" for k, v in report["outputs"].items()]
+    if "window" not in report["outputs"]:
+        lines.append(f"  window: none; {NO_WINDOW}")
     return "\n".join(lines)

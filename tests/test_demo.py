@@ -171,6 +171,64 @@ def test_isolated_home_redirects_and_restores(tmp_path, monkeypatch):
     assert "XDG_STATE_HOME" not in os.environ
 
 
+WINDOWS_ENV = {
+    "USERPROFILE": r"C:\Users\alice",
+    "LOCALAPPDATA": r"C:\Users\alice\AppData\Local",
+    "APPDATA": r"C:\Users\alice\AppData\Roaming",
+}
+
+
+def test_isolated_home_redirects_windows_folders(tmp_path, monkeypatch):
+    """On Windows Path.home() reads USERPROFILE, not HOME: the demo must move it (and AppData) too."""
+    import ntpath
+
+    for key, value in WINDOWS_ENV.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(os.path, "expanduser", ntpath.expanduser)  # Windows' lookup: USERPROFILE
+    assert str(Path.home()) == WINDOWS_ENV["USERPROFILE"]
+    home = tmp_path / "h"
+    with demo.isolated_home(home):
+        assert Path.home() == home
+        assert os.environ["USERPROFILE"] == str(home)
+        assert os.environ["LOCALAPPDATA"] == str(home / "AppData" / "Local")
+        assert os.environ["APPDATA"] == str(home / "AppData" / "Roaming")
+    for key, value in WINDOWS_ENV.items():
+        assert os.environ[key] == value, key
+    assert str(Path.home()) == WINDOWS_ENV["USERPROFILE"]
+
+
+def test_isolated_home_keeps_the_x11_cookie(tmp_path, monkeypatch):
+    real = tmp_path / "real-home"
+    real.mkdir()
+    (real / ".Xauthority").write_bytes(b"cookie")
+    monkeypatch.setenv("HOME", str(real))
+    monkeypatch.delenv("XAUTHORITY", raising=False)
+    with demo.isolated_home(tmp_path / "h"):
+        assert os.environ["XAUTHORITY"] == str(real / ".Xauthority")
+    assert "XAUTHORITY" not in os.environ
+
+
+@pytest.mark.parametrize(
+    ("platform", "env", "expected"),
+    [
+        ("linux", {}, False),
+        ("linux", {"DISPLAY": ":99"}, True),
+        ("linux", {"WAYLAND_DISPLAY": "wayland-0"}, True),
+        ("linux", {"DISPLAY": ":0", "QT_QPA_PLATFORM": "offscreen"}, False),
+        ("win32", {}, True),
+        ("darwin", {}, True),
+        ("darwin", {"QT_QPA_PLATFORM": "offscreen"}, False),
+    ],
+)
+def test_display_available(monkeypatch, platform, env, expected):
+    for key in ("DISPLAY", "WAYLAND_DISPLAY", "QT_QPA_PLATFORM"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(sys, "platform", platform)
+    assert demo.display_available() is expected
+
+
 def test_installed_copy_is_copied_unpatched(tmp_path, monkeypatch, checkpoints):
     """A patched installed napari-sam: the demo's copy is upstream code, and the original is untouched."""
     from medico_adapters import engine, patching
@@ -223,6 +281,23 @@ def test_reports_label_the_stand_in_and_an_empty_mask(empty):
     assert "model load" in md and "**total**" in md
     real = _report(empty, standin=False)
     assert "plumbing check" not in demo.markdown(real).lower()
+
+
+def test_report_says_which_picture_is_which():
+    offscreen = _report(empty=False)
+    md = demo.markdown(offscreen)
+    assert "- overlay: `o.png` — a picture the kit composed (not a screenshot)" in md
+    assert "no window.png: no display here" in md and "xvfb-run -a" in md
+    assert "QT_QPA_PLATFORM=offscreen" in md
+    assert "window: none" in demo.summary(offscreen)
+
+    shown = _report(empty=False)
+    shown["napari"].update(qt_platform=None, window=True, display=":99")
+    shown["outputs"]["window"] = "w.png"
+    md = demo.markdown(shown)
+    assert "- window: `w.png` — a screenshot of the real napari window" in md
+    assert "shown window on display :99" in md
+    assert "no window.png" not in md and "window: none" not in demo.summary(shown)
 
 
 def test_overlay_png_even_for_an_empty_mask(tmp_path):
