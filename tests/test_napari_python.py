@@ -7,7 +7,6 @@ must read from that interpreter rather than from the kit's own napari.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -68,8 +67,9 @@ def cli(*args, home: Path, path_prefix: Path | None = None, cwd: Path | None = N
 
 
 def kit_copy() -> Path:
-    spec = importlib.util.find_spec("napari_sam")
-    return Path(list(spec.submodule_search_locations)[0])
+    """The napari-sam installed for the kit's Python (asked in a fresh process: this one may
+    hold a temporary copy another test imported)."""
+    return pyenv.package_dir(sys.executable, ("napari_sam",))
 
 
 def test_patch_status_unpatch_the_copy_another_python_runs(other_env, checkpoints, tmp_path):
