@@ -35,3 +35,7 @@ class LayoutError(PatchError):
 
 class ImageError(MedicoError):
     """An image or volume cannot be read, or a prompt does not fit it."""
+
+
+class BackendError(MedicoError):
+    """A requested inference backend cannot run here (not installed, or not on this device)."""

@@ -26,9 +26,9 @@ weights and only check agreement with the reference implementation).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,11 +37,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medico_adapters.accel import medico_sam_accel as accel
 from medico_adapters.checkpoint import Checkpoint, load_checkpoint, require_loadable
 from medico_adapters.device import select_device
-from medico_adapters.errors import CheckpointError, ImageError
+from medico_adapters.errors import BackendError, CheckpointError, ImageError
 
-__all__ = ["Embedding", "Predictor", "accelerate_image_encoder", "checkpoint_identity"]
+__all__ = ["BACKENDS", "BackendWarning", "Embedding", "EncoderPlan", "Predictor", "checkpoint_identity", "choose_backend"]
 
 
 @dataclass
@@ -53,95 +54,67 @@ class Embedding:
     input_size: tuple[int, int]
 
 
-def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Relative-position table indexed by (query, key) for equal query and key sizes.
+BACKENDS = ("auto", "torch", "openvino")
 
-    Same maths as SAM's ``get_rel_pos`` for q_size == k_size, including the linear
-    interpolation when the table was trained for another size.
+
+class BackendWarning(UserWarning):
+    """The predictor runs, but not on the backend it would have liked (said once, with the reason)."""
+
+
+@dataclass(frozen=True)
+class EncoderPlan:
+    """Which backend runs the image encoder, at which precision, and why."""
+
+    backend: str  # "torch" or "openvino"
+    precision: str  # "f32", "bf16" or "f16"
+    reason: str
+    missing_openvino: bool = False  # "auto" on a CPU would have used OpenVINO, had it been installed
+
+
+def choose_backend(
+    backend: str = "auto",
+    device: str = "cpu",
+    exact: bool = True,
+    *,
+    flags: frozenset | None = None,
+    openvino: bool | None = None,
+    cuda_bf16: bool | None = None,
+) -> EncoderPlan:
+    """Decide backend and precision from the request, the device and this CPU's flags.
+
+    ``flags``, ``openvino`` (importable or not) and ``cuda_bf16`` default to what this machine
+    has; tests pass fake ones. ``exact`` always means f32. Otherwise the CPU runs bf16 only
+    where it has it in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than
+    f32, and the int8 paths measured (torch dynamic quantisation, ONNX Runtime) miss the
+    cosine >= 0.9999 bound, so those CPUs run f32. A GPU runs bf16 (CUDA with bf16) or f16.
     """
-    length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        rel_pos = F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()
-    coords = torch.arange(size, device=rel_pos.device)
-    return rel_pos[(coords[:, None] - coords[None, :] + size - 1)]
-
-
-def _split_qkv(attn: torch.nn.Module, x: torch.Tensor):
-    b, h, w, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)  # each B x heads x N x C
-
-
-def _bias(
-    q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, h: int, w: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Decomposed rel-pos bias (B x heads x N x N) for queries ``q`` (B x heads x N x C).
-
-    ``out`` lets the global blocks reuse one buffer for all heads: a fresh 64 MiB tensor per
-    head costs more in page faults than the addition itself.
-    """
-    lead = q.shape[:-2]
-    r_q = q.reshape(*lead, h, w, q.shape[-1])
-    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, rh)
-    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, rw)
-    if out is None:
-        out = torch.empty((*lead, h, w, h, w), dtype=q.dtype, device=q.device)
-    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out.view(*lead, h, w, h, w))
-    return out.view(*lead, h * w, h * w)
-
-
-def _sdpa_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Drop-in forward for ``segment_anything``'s ViT ``Attention`` using SDPA.
-
-    Global blocks (many tokens) go one head at a time so the float mask stays small; windowed
-    blocks (196 tokens per window) go in one call.
-    """
-    b, h, w, _ = x.shape
-    q, k, v = _split_qkv(self, x)
-    if not self.use_rel_pos:
-        out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        rh = _rel_pos(h, self.rel_pos_h)
-        rw = _rel_pos(w, self.rel_pos_w)
-        if h * w <= 1024:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_bias(q, rh, rw, h, w))
-        else:
-            out = torch.empty_like(q)
-            mask = torch.empty((b, 1, h * w, h * w), dtype=q.dtype, device=q.device)
-            for head in range(q.shape[1]):
-                sl = slice(head, head + 1)
-                _bias(q[:, sl], rh, rw, h, w, out=mask)
-                out[:, sl] = F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], attn_mask=mask)
-            del mask
-    out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
-    return self.proj(out)
-
-
-def _quantise_linears(encoder: torch.nn.Module) -> None:
-    """Swap the ViT blocks' Linear layers for int8 dynamic-quantised ones (CPU only)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for block in encoder.blocks:
-            quantize_dynamic(block, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
-def accelerate_image_encoder(sam: torch.nn.Module, exact: bool = True) -> None:
-    """Give the attention modules of *this* model's image encoder the SDPA forward.
-
-    Binding a method on each instance (not assigning to the class) keeps every other SAM in the
-    process, and ``segment_anything`` itself, untouched.
-    """
-    encoder = sam.image_encoder
-    blocks = getattr(encoder, "blocks", None)
-    if blocks is None:
-        return  # not a ViT (e.g. MobileSAM's TinyViT): leave it as it is
-    if not exact and next(encoder.parameters()).device.type == "cpu":
-        _quantise_linears(encoder)
-    for block in blocks:
-        attn = block.attn
-        attn.forward = types.MethodType(_sdpa_forward, attn)
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    kind = torch.device(device).type
+    if kind != "cpu":
+        if backend == "openvino":
+            raise BackendError(f"backend 'openvino' runs on the CPU only, not on {device}; add --device cpu")
+        if exact:
+            return EncoderPlan("torch", "f32", f"exact on {kind}")
+        if kind == "cuda" and (torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16):
+            return EncoderPlan("torch", "bf16", "fast on a GPU with bf16")
+        return EncoderPlan("torch", "f16", f"fast on {kind}")
+    if flags is None:
+        flags = accel.cpu_flags()
+    if openvino is None:
+        openvino = accel.openvino_version() is not None
+    if backend == "openvino" and not openvino:
+        raise BackendError(
+            "backend 'openvino': OpenVINO is not installed; pip install 'medico-adapters[fast]' or use --backend torch"
+        )
+    bf16 = accel.native_bf16(flags)
+    precision = "f32" if exact or not bf16 else "bf16"
+    why = "exact" if exact else ("fast; the CPU has native bf16" if bf16 else "fast; no native bf16 on this CPU")
+    if backend == "torch":
+        return EncoderPlan("torch", precision, why)
+    if not openvino:
+        return EncoderPlan("torch", precision, f"{why}; OpenVINO is not installed", missing_openvino=True)
+    return EncoderPlan("openvino", precision, why)
 
 
 def checkpoint_identity(state_dict: dict[str, torch.Tensor]) -> str:
@@ -202,27 +175,71 @@ class Predictor:
         exact: bool = True,
         *,
         trust: bool = False,
+        backend: str = "auto",
     ) -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
+        self.device = torch.device(select_device(device))
+        plan = choose_backend(backend, str(self.device), exact)
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), trust=trust)
         require_loadable(ckpt)
         self.checkpoint_path = ckpt.info.path
         self.arch = ckpt.info.arch
         self.exact = exact
         self.checkpoint_id = checkpoint_identity(ckpt.state_dict)
-        self.device = torch.device(select_device(device))
         self.model = _build_sam(ckpt).to(self.device)
-        accelerate_image_encoder(self.model, exact=exact)
+        del ckpt
+        self.encoder_cache: str | None = None  # the compiled-encoder file OpenVINO loaded or wrote
+        self.plan = self._accelerate(plan)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._dense_pe = None
         self._prep: _Prepared | None = None
         self._embedding: Embedding | None = None
 
+    def _accelerate(self, plan: EncoderPlan) -> EncoderPlan:
+        """Swap in the planned encoder; a failed OpenVINO conversion falls back to torch, with a warning."""
+        if plan.backend == "openvino":
+            from medico_adapters import fsio
+            from medico_adapters.registry import cache_dir
+
+            try:
+                encoder = accel.openvino_encoder(
+                    self.model.image_encoder, plan.precision, cache_dir=cache_dir() / "openvino",
+                    key=f"{self.arch}-{self.checkpoint_id}", write=fsio.atomic_write,
+                )
+            except Exception as e:  # any OpenVINO or export failure leaves the torch path, which works
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                plan = EncoderPlan("torch", plan.precision, f"{plan.reason}; OpenVINO failed ({type(e).__name__}: {first})")
+                warnings.warn(f"OpenVINO could not compile the image encoder, using torch: {plan.reason}",
+                              BackendWarning, stacklevel=3)
+            else:
+                self.model.image_encoder = encoder
+                self.encoder_cache = f"{'loaded' if encoder.from_cache else 'wrote'} {encoder.cache_file}"
+                return plan
+        elif plan.missing_openvino:
+            warnings.warn("OpenVINO is not installed, so CPU embeddings use the slower torch path; "
+                          "pip install 'medico-adapters[fast]' for the fast one", BackendWarning, stacklevel=3)
+        accel.bind_sdpa_attention(self.model.image_encoder)
+        return plan
+
+    @property
+    def backend(self) -> str:
+        return self.plan.backend
+
+    @property
+    def precision(self) -> str:
+        return self.plan.precision
+
     @property
     def identity(self) -> str:
-        """What an embedding depends on besides the image: weights and exact/fast mode."""
-        return f"{self.arch}-{self.checkpoint_id}-{'exact' if self.exact else 'fast'}"
+        """What an embedding depends on besides the image: weights, and the precision when not exact."""
+        mode = "exact" if self.exact else f"fast-{self.plan.backend}-{self.plan.precision}"
+        return f"{self.arch}-{self.checkpoint_id}-{mode}"
+
+    def describe(self) -> dict:
+        """Backend, precision and why, for reports and ``--json``."""
+        return {"backend": self.plan.backend, "precision": self.plan.precision, "reason": self.plan.reason,
+                "encoder_cache": self.encoder_cache}
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, image: np.ndarray) -> Embedding:
@@ -230,9 +247,16 @@ class Predictor:
         rgb = as_rgb(image)
         resized = self.transform.apply_image(rgb)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        with torch.inference_mode():
-            features = self.model.image_encoder(self.model.preprocess(tensor))
+        with torch.inference_mode(), self._autocast():
+            features = self.model.image_encoder(self.model.preprocess(tensor)).float()
         return Embedding(features, tuple(rgb.shape[:2]), tuple(tensor.shape[-2:]))
+
+    def _autocast(self):
+        """Lower precision for the torch backend when planned (OpenVINO sets its own)."""
+        if self.plan.backend != "torch" or self.plan.precision == "f32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.plan.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``image`` (HxW grey or HxWx3 RGB uint8) and make it current."""

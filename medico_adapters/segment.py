@@ -356,11 +356,12 @@ def segment(
     cache: bool = True,
     progress: bool = True,
     predictor: Predictor | None = None,
+    backend: str = "auto",
 ) -> dict:
     """Segment ``image_path`` and write the label image to ``out_path``; return a report dict.
 
-    ``predictor`` lets a caller reuse a loaded model (then ``checkpoint``/``device``/``exact``
-    are taken from it). See the module docstring for the prompt conventions.
+    ``predictor`` lets a caller reuse a loaded model (then ``checkpoint``/``device``/``exact``/
+    ``backend`` are taken from it). See the module docstring for the prompt conventions.
     """
     started = time.perf_counter()
     if auto and (points or boxes):
@@ -393,13 +394,16 @@ def segment(
 
     pixels, norm = normalise(volume, window)
     if predictor is None:
-        predictor = Predictor(checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact)
+        predictor = Predictor(
+            checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact, backend=backend
+        )
     vp = VolumePredictor(predictor, pixels, norm, cache=cache)
 
     report = {
         "image": str(image_path), "output": str(out_path), "shape": list(loaded.array.shape),
         "mode": "auto" if auto else "prompt", "slice": z, "normalisation": norm,
         "checkpoint": predictor.checkpoint_path, "device": str(predictor.device), "exact": predictor.exact,
+        **predictor.describe(),
     }
     labels = np.zeros(shape, dtype=np.uint16 if auto else np.uint8)
     if auto:
