@@ -1,16 +1,46 @@
-"""A SamPredictor work-alike that loads any SAM checkpoint and embeds images faster on CPU.
+"""A SamPredictor work-alike that loads any SAM checkpoint and embeds images fast wherever it runs.
 
-Why it exists: on a laptop CPU, plain ``segment_anything.SamPredictor.set_image`` spends most of
-its time in the four global-attention blocks of the ViT, which materialise a 12x4096x4096
-attention map, add the decomposed relative-position bias in several full-size copies and then
-softmax it. Here each attention module *of the loaded model instance only* gets a forward that
-calls ``torch.nn.functional.scaled_dot_product_attention`` with the bias passed as ``attn_mask``
-(one head at a time for the global blocks, so only a 64 MiB mask exists at once). The result is
-the same embedding (max abs diff well below 1e-4); ``segment_anything`` itself is never patched.
+The image encoder is where the time goes (seconds per slice on a laptop CPU). What runs it is
+decided per machine by ``choose_backend`` (``Predictor(backend="auto"|"torch"|"openvino")``,
+``segment --backend``), and ``describe()`` says what was chosen and why:
 
-``exact=False`` additionally runs the ViT's linear layers through dynamically quantised int8
-kernels (fbgemm), trading a cosine similarity of about 0.999 for more speed. bf16/fp16 autocast
-was measured and rejected: on CPUs without native bf16 it is several times slower than fp32.
+* ``openvino`` -- what ``auto`` picks on a CPU when the ``[fast]`` extra is installed. The loaded
+  ViT is exported with ``torch.export`` (no ONNX file) and compiled by OpenVINO; the compiled
+  model is cached in the kit's cache (``openvino/``) per checkpoint hash, precision, CPU and
+  OpenVINO/torch versions, written atomically, so later starts load it in seconds instead of
+  converting again (tens of seconds). ``exact=True`` forces f32 inference precision (max abs diff
+  ~1e-5 to ``SamPredictor``); ``exact=False`` runs bf16 where the CPU has AVX512-BF16 or AMX
+  (cosine ~0.99995), f32 elsewhere.
+* ``torch`` -- each attention module *of the loaded model instance only* gets a forward that calls
+  ``scaled_dot_product_attention`` with the decomposed relative-position bias as ``attn_mask``
+  (one head at a time in the global blocks: a 64 MiB mask instead of SAM's 12x4096x4096 attention
+  map and its copies); ``exact=False`` autocasts to bf16 on CPUs with native bf16, and to bf16/f16
+  on a GPU. ``segment_anything`` itself is never patched. This is also the fallback, with one
+  ``BackendWarning``, when OpenVINO is missing or its conversion fails.
+
+Both live in ``medico_adapters/accel/medico_sam_accel.py``, the self-contained file the patched
+tools get a copy of, so each speed-up exists once.
+
+Why these choices (``benchmarks/bench_predictor.py``; random ViT-B, one 512x512 slice, median of
+3 after a warm-up, in one run on a shared 2-core Xeon (Sapphire Rapids: AVX512-BF16, AMX);
+ratios are against plain ``SamPredictor.set_image`` in the same run, see benchmarks/RESULTS.md):
+* Fast mode, native bf16: OpenVINO bf16 5.17x (cosine 0.999953) against torch's own bf16 at
+  2.13x (autocast, cosine 0.999972) and 2.42x (bf16 weights, 0.999947) where OpenVINO bf16 was
+  2.35x in the same run; in a quieter run OpenVINO bf16 took 3.4-4.5 s and torch bf16 9.5-12 s.
+  Torch's bf16 is not as fast, so ``auto`` uses OpenVINO; torch bf16 remains the fast mode
+  without OpenVINO.
+* Exact mode: OpenVINO f32 2.59x (max abs diff 1.3e-5) where torch with SDPA reached 0.93-1.56x
+  in other runs of this machine; ``torch.compile`` 0.79x, ONNX Runtime fp32 1.58x at steady state.
+  OpenVINO f32 therefore runs exact mode (the kit's rows and plain OpenVINO's differ only by noise:
+  the same compiled model, loaded from the cache).
+* No int8: torch's dynamic int8 (the old fast mode) held cosine ~0.9997 and ONNX Runtime's
+  dynamic int8 0.999741, both below the 0.9999 that fast mode promises; on CPUs without native
+  bf16, emulated bf16 is slower than f32, so those CPUs run f32.
+* Memory: peak RSS for load plus embedding is ~1.4 GiB on torch (SDPA), ~1.9 GiB on OpenVINO bf16
+  and ~2.5 GiB on OpenVINO f32 (its global attention blocks hold the full attention maps), against
+  ~3.6 GiB for plain SAM. ``backend="torch"`` is the low-memory choice.
+* Start-up: the first start per checkpoint and precision converts (20-35 s here), later starts load
+  the cached compiled model (4-9 s, including the checkpoint itself).
 
 ``predict`` on a cached embedding does the image-only part of the mask decoder once per embedding
 (dense PE, ``no_mask_embed``, the first block's image projections), runs the rest for one prompt
@@ -30,6 +60,7 @@ import contextlib
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +197,8 @@ class Predictor:
 
     ``checkpoint`` is a path in any format ``load_checkpoint`` reads, or a loaded ``Checkpoint``.
     ``exact=True`` reproduces ``SamPredictor``'s embedding; ``exact=False`` is faster and close.
+    ``backend`` picks what runs the image encoder (see ``choose_backend``); ``describe()`` says
+    what was chosen and why.
     """
 
     def __init__(
@@ -176,6 +209,7 @@ class Predictor:
         *,
         trust: bool = False,
         backend: str = "auto",
+        log: Callable[[str], object] | None = None,
     ) -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -190,14 +224,18 @@ class Predictor:
         self.model = _build_sam(ckpt).to(self.device)
         del ckpt
         self.encoder_cache: str | None = None  # the compiled-encoder file OpenVINO loaded or wrote
-        self.plan = self._accelerate(plan)
+        self.plan = self._accelerate(plan, log)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._dense_pe = None
         self._prep: _Prepared | None = None
         self._embedding: Embedding | None = None
 
-    def _accelerate(self, plan: EncoderPlan) -> EncoderPlan:
-        """Swap in the planned encoder; a failed OpenVINO conversion falls back to torch, with a warning."""
+    def _accelerate(self, plan: EncoderPlan, log) -> EncoderPlan:
+        """Swap in the planned encoder; a failed OpenVINO conversion falls back to torch, with a warning.
+
+        ``log`` hears about the one slow step users would otherwise wonder about: the first
+        conversion of a checkpoint.
+        """
         if plan.backend == "openvino":
             from medico_adapters import fsio
             from medico_adapters.registry import cache_dir
@@ -205,7 +243,7 @@ class Predictor:
             try:
                 encoder = accel.openvino_encoder(
                     self.model.image_encoder, plan.precision, cache_dir=cache_dir() / "openvino",
-                    key=f"{self.arch}-{self.checkpoint_id}", write=fsio.atomic_write,
+                    key=f"{self.arch}-{self.checkpoint_id}", write=fsio.atomic_write, log=log,
                 )
             except Exception as e:  # any OpenVINO or export failure leaves the torch path, which works
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -394,8 +395,10 @@ def segment(
 
     pixels, norm = normalise(volume, window)
     if predictor is None:
+        say = (lambda line: print(f"medico-adapters: {line}", file=sys.stderr, flush=True)) if progress else None
         predictor = Predictor(
-            checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact, backend=backend
+            checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact, backend=backend,
+            log=say,
         )
     vp = VolumePredictor(predictor, pixels, norm, cache=cache)
 
