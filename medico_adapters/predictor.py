@@ -21,26 +21,31 @@ decided per machine by ``choose_backend`` (``Predictor(backend="auto"|"torch"|"o
 Both live in ``medico_adapters/accel/medico_sam_accel.py``, the self-contained file the patched
 tools get a copy of, so each speed-up exists once.
 
-Why these choices (``benchmarks/bench_predictor.py``; random ViT-B, one 512x512 slice, median of
-3 after a warm-up, in one run on a shared 2-core Xeon (Sapphire Rapids: AVX512-BF16, AMX);
-ratios are against plain ``SamPredictor.set_image`` in the same run, see benchmarks/RESULTS.md):
-* Fast mode, native bf16: OpenVINO bf16 5.17x (cosine 0.999953) against torch's own bf16 at
-  2.13x (autocast, cosine 0.999972) and 2.42x (bf16 weights, 0.999947) where OpenVINO bf16 was
-  2.35x in the same run; in a quieter run OpenVINO bf16 took 3.4-4.5 s and torch bf16 9.5-12 s.
-  Torch's bf16 is not as fast, so ``auto`` uses OpenVINO; torch bf16 remains the fast mode
-  without OpenVINO.
-* Exact mode: OpenVINO f32 2.59x (max abs diff 1.3e-5) where torch with SDPA reached 0.93-1.56x
-  in other runs of this machine; ``torch.compile`` 0.79x, ONNX Runtime fp32 1.58x at steady state.
-  OpenVINO f32 therefore runs exact mode (the kit's rows and plain OpenVINO's differ only by noise:
-  the same compiled model, loaded from the cache).
+Why these choices (``benchmarks/bench_predictor.py``, random ViT-B, one 512x512 slice, on a 2-core
+Xeon (Sapphire Rapids: AVX512-BF16 and AMX) shared with other work, so single figures are noisy;
+benchmarks/RESULTS.md has the full table of one run, whose load fell while it ran, which flatters
+the later rows). Seconds per embedding, best of 3:
+
+* Fast mode, native bf16. RESULTS.md: OpenVINO bf16 1.54 s (plain OpenVINO, last rows, quietest)
+  and 4.12 s (kit, loaded from the cache), torch bf16 2.83 s (autocast) and 3.88 s (bf16
+  weights); plain 22.5 s. Interleaved in one process (kit predictors only): OpenVINO bf16 2.55 s,
+  torch autocast bf16 3.77 s. Under heavy load, separate processes: OpenVINO bf16 10.1 s, torch
+  bf16 weights 22.7 s, autocast 27.8 s. Torch's own bf16 was not as fast in any side-by-side
+  measurement, so ``auto`` uses OpenVINO; torch bf16 stays the fast mode without OpenVINO.
+  Cosine to plain: 0.999953 (OpenVINO), 0.999972 (autocast), 0.999947 (bf16 weights).
+* Exact mode. RESULTS.md: OpenVINO f32 6.76 s (plain OpenVINO) and 9.63 s (kit), torch SDPA
+  7.64 s, ONNX Runtime fp32 7.69 s, ``torch.compile`` 8.20 s; interleaved: OpenVINO f32 7.19 s,
+  torch SDPA 6.99 s. On this CPU they are level within the noise; on the AMD EPYC of issue 14
+  OpenVINO f32 was 1.3x faster than the SDPA path (2.02x vs 1.56x plain), so ``auto`` uses it.
+  Max abs diff to plain: 1.3e-5 (OpenVINO f32), 3.3e-6 (SDPA).
 * No int8: torch's dynamic int8 (the old fast mode) held cosine ~0.9997 and ONNX Runtime's
-  dynamic int8 0.999741, both below the 0.9999 that fast mode promises; on CPUs without native
-  bf16, emulated bf16 is slower than f32, so those CPUs run f32.
-* Memory: peak RSS for load plus embedding is ~1.4 GiB on torch (SDPA), ~1.9 GiB on OpenVINO bf16
-  and ~2.5 GiB on OpenVINO f32 (its global attention blocks hold the full attention maps), against
-  ~3.6 GiB for plain SAM. ``backend="torch"`` is the low-memory choice.
-* Start-up: the first start per checkpoint and precision converts (20-35 s here), later starts load
-  the cached compiled model (4-9 s, including the checkpoint itself).
+  dynamic int8 0.999741, both below the 0.9999 that fast mode promises. On CPUs without native
+  bf16, emulated bf16 is slower than f32, so those CPUs run f32 (not measured here: no such CPU).
+* Memory (peak RSS, load plus embeddings): torch 1.4 GiB, OpenVINO bf16 1.9 GiB, OpenVINO f32
+  2.5 GiB (its global blocks hold full attention maps), plain SAM 3.6 GiB, ONNX Runtime 4.4-4.9
+  GiB. OpenVINO misses the 1.5 GB goal; ``backend="torch"`` is the low-memory choice.
+* Start-up: the first start per checkpoint and precision converts and caches (16-18 s here);
+  later starts load the cached compiled model (4.6 s, including reading the checkpoint).
 
 ``predict`` on a cached embedding does the image-only part of the mask decoder once per embedding
 (dense PE, ``no_mask_embed``, the first block's image projections), runs the rest for one prompt
