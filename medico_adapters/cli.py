@@ -297,17 +297,29 @@ def _window(text: str | None):
 
 
 def cmd_segment(args) -> int:
+    import warnings
+
     from medico_adapters import segment
+    from medico_adapters.predictor import BackendWarning
 
     boxes = [tuple(_ints(b, "--box")) for b in args.box]
-    report = segment.segment(
-        args.image, args.output, points=[_point(p) for p in args.point], boxes=boxes, auto=args.auto,
-        checkpoint=args.checkpoint, window=_window(args.window), overlay=args.overlay, slice_index=args.slice,
-        device=args.device, exact=not args.fast, propagate_masks=not args.no_propagate,
-        progress=not args.json,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", BackendWarning)
+        report = segment.segment(
+            args.image, args.output, points=[_point(p) for p in args.point], boxes=boxes, auto=args.auto,
+            checkpoint=args.checkpoint, window=_window(args.window), overlay=args.overlay, slice_index=args.slice,
+            device=args.device, exact=not args.fast, propagate_masks=not args.no_propagate,
+            progress=not args.json, backend=args.backend,
+        )
+    for w in caught:  # one plain line each, like errors; anything else keeps Python's format
+        if issubclass(w.category, BackendWarning):
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    report["warnings"] = [str(w.message) for w in caught if issubclass(w.category, BackendWarning)]
     summary = f"wrote {report['output']} ({report.get('voxels', report.get('objects', 0))} " + (
-        "objects" if report["mode"] == "auto" else "voxels") + f", slice {report['slice']}, {report['seconds']} s)"
+        "objects" if report["mode"] == "auto" else "voxels") + f", slice {report['slice']}, {report['seconds']} s; " + (
+        f"encoder: {report['backend']} {report['precision']})")
     if report.get("overlay"):
         summary += f"\nwrote {report['overlay']}"
     _emit(args, report, summary)
@@ -453,7 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", help="CT window preset (soft_tissue, lung, bone, brain) or W,L; default: percentile")
     p.add_argument("--overlay", metavar="PNG", help="also write a PNG of the prompted slice with the mask")
     p.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N")
-    p.add_argument("--fast", action="store_true", help="faster, near-identical embeddings (bf16)")
+    p.add_argument("--fast", action="store_true",
+                   help="faster, near-identical embeddings (bf16 where the CPU has it natively, else f32)")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                   help="what runs the image encoder; auto: OpenVINO on a CPU when installed, else torch")
     p.add_argument("--no-propagate", action="store_true", help="3D: segment only the prompted slice")
     p.add_argument("--json", action="store_true")
     _add_trust(p)

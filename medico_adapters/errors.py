@@ -51,3 +51,7 @@ class MissingDependencyError(MedicoError):
 
 class ExportCheckError(CheckpointError):
     """An exported model does not reproduce the torch model within tolerance."""
+
+
+class BackendError(MedicoError):
+    """A requested inference backend cannot run here (not installed, or not on this device)."""

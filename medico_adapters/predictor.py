@@ -1,16 +1,51 @@
-"""A SamPredictor work-alike that loads any SAM checkpoint and embeds images faster on CPU.
+"""A SamPredictor work-alike that loads any SAM checkpoint and embeds images fast wherever it runs.
 
-Why it exists: on a laptop CPU, plain ``segment_anything.SamPredictor.set_image`` spends most of
-its time in the four global-attention blocks of the ViT, which materialise a 12x4096x4096
-attention map, add the decomposed relative-position bias in several full-size copies and then
-softmax it. Here each attention module *of the loaded model instance only* gets a forward that
-calls ``torch.nn.functional.scaled_dot_product_attention`` with the bias passed as ``attn_mask``
-(one head at a time for the global blocks, so only a 64 MiB mask exists at once). The result is
-the same embedding (max abs diff well below 1e-4); ``segment_anything`` itself is never patched.
+The image encoder is where the time goes (seconds per slice on a laptop CPU). What runs it is
+decided per machine by ``choose_backend`` (``Predictor(backend="auto"|"torch"|"openvino")``,
+``segment --backend``), and ``describe()`` says what was chosen and why:
 
-``exact=False`` additionally runs the ViT's linear layers through dynamically quantised int8
-kernels (fbgemm), trading a cosine similarity of about 0.999 for more speed. bf16/fp16 autocast
-was measured and rejected: on CPUs without native bf16 it is several times slower than fp32.
+* ``openvino`` -- what ``auto`` picks on a CPU when the ``[fast]`` extra is installed. The loaded
+  ViT is exported with ``torch.export`` (no ONNX file) and compiled by OpenVINO; the compiled
+  model is cached in the kit's cache (``openvino/``) per checkpoint hash, precision, CPU and
+  OpenVINO/torch versions, written atomically, so later starts load it in seconds instead of
+  converting again (tens of seconds). ``exact=True`` forces f32 inference precision (max abs diff
+  ~1e-5 to ``SamPredictor``); ``exact=False`` runs bf16 where the CPU has AVX512-BF16 or AMX
+  (cosine ~0.99995), f32 elsewhere.
+* ``torch`` -- each attention module *of the loaded model instance only* gets a forward that calls
+  ``scaled_dot_product_attention`` with the decomposed relative-position bias as ``attn_mask``
+  (one head at a time in the global blocks: a 64 MiB mask instead of SAM's 12x4096x4096 attention
+  map and its copies); ``exact=False`` autocasts to bf16 on CPUs with native bf16, and to bf16/f16
+  on a GPU. ``segment_anything`` itself is never patched. This is also the fallback, with one
+  ``BackendWarning``, when OpenVINO is missing or its conversion fails.
+
+Both live in ``medico_adapters/accel/medico_sam_accel.py``, the self-contained file the patched
+tools get a copy of, so each speed-up exists once.
+
+Why these choices (``benchmarks/bench_predictor.py``, random ViT-B, one 512x512 slice, on a 2-core
+Xeon (Sapphire Rapids: AVX512-BF16 and AMX) shared with other work, so single figures are noisy;
+benchmarks/RESULTS.md has the full table of one run, whose load fell while it ran, which flatters
+the later rows). Seconds per embedding, best of 3:
+
+* Fast mode, native bf16. RESULTS.md: OpenVINO bf16 1.54 s (plain OpenVINO, last rows, quietest)
+  and 4.12 s (kit, loaded from the cache), torch bf16 2.83 s (autocast) and 3.88 s (bf16
+  weights); plain 22.5 s. Interleaved in one process (kit predictors only): OpenVINO bf16 2.55 s,
+  torch autocast bf16 3.77 s. Under heavy load, separate processes: OpenVINO bf16 10.1 s, torch
+  bf16 weights 22.7 s, autocast 27.8 s. Torch's own bf16 was not as fast in any side-by-side
+  measurement, so ``auto`` uses OpenVINO; torch bf16 stays the fast mode without OpenVINO.
+  Cosine to plain: 0.999953 (OpenVINO), 0.999972 (autocast), 0.999947 (bf16 weights).
+* Exact mode. RESULTS.md: OpenVINO f32 6.76 s (plain OpenVINO) and 9.63 s (kit), torch SDPA
+  7.64 s, ONNX Runtime fp32 7.69 s, ``torch.compile`` 8.20 s; interleaved: OpenVINO f32 7.19 s,
+  torch SDPA 6.99 s. On this CPU they are level within the noise; on the AMD EPYC of issue 14
+  OpenVINO f32 was 1.3x faster than the SDPA path (2.02x vs 1.56x plain), so ``auto`` uses it.
+  Max abs diff to plain: 1.3e-5 (OpenVINO f32), 3.3e-6 (SDPA).
+* No int8: torch's dynamic int8 (the old fast mode) held cosine ~0.9997 and ONNX Runtime's
+  dynamic int8 0.999741, both below the 0.9999 that fast mode promises. On CPUs without native
+  bf16, emulated bf16 is slower than f32, so those CPUs run f32 (not measured here: no such CPU).
+* Memory (peak RSS, load plus embeddings): torch 1.4 GiB, OpenVINO bf16 1.9 GiB, OpenVINO f32
+  2.5 GiB (its global blocks hold full attention maps), plain SAM 3.6 GiB, ONNX Runtime 4.4-4.9
+  GiB. OpenVINO misses the 1.5 GB goal; ``backend="torch"`` is the low-memory choice.
+* Start-up: the first start per checkpoint and precision converts and caches (16-18 s here);
+  later starts load the cached compiled model (4.6 s, including reading the checkpoint).
 
 ``predict`` on a cached embedding does the image-only part of the mask decoder once per embedding
 (dense PE, ``no_mask_embed``, the first block's image projections), runs the rest for one prompt
@@ -26,10 +61,11 @@ weights and only check agreement with the reference implementation).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-import types
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +73,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medico_adapters.accel import medico_sam_accel as accel
 from medico_adapters.checkpoint import Checkpoint, load_checkpoint, require_loadable
 from medico_adapters.device import select_device
-from medico_adapters.errors import CheckpointError, ImageError
+from medico_adapters.errors import BackendError, CheckpointError, ImageError
 
-__all__ = ["Embedding", "Predictor", "accelerate_image_encoder", "checkpoint_identity"]
+__all__ = ["BACKENDS", "BackendWarning", "Embedding", "EncoderPlan", "Predictor", "checkpoint_identity", "choose_backend"]
 
 
 @dataclass
@@ -53,95 +90,67 @@ class Embedding:
     input_size: tuple[int, int]
 
 
-def _rel_pos(size: int, rel_pos: torch.Tensor) -> torch.Tensor:
-    """Relative-position table indexed by (query, key) for equal query and key sizes.
+BACKENDS = ("auto", "torch", "openvino")
 
-    Same maths as SAM's ``get_rel_pos`` for q_size == k_size, including the linear
-    interpolation when the table was trained for another size.
+
+class BackendWarning(UserWarning):
+    """The predictor runs, but not on the backend it would have liked (said once, with the reason)."""
+
+
+@dataclass(frozen=True)
+class EncoderPlan:
+    """Which backend runs the image encoder, at which precision, and why."""
+
+    backend: str  # "torch" or "openvino"
+    precision: str  # "f32", "bf16" or "f16"
+    reason: str
+    missing_openvino: bool = False  # "auto" on a CPU would have used OpenVINO, had it been installed
+
+
+def choose_backend(
+    backend: str = "auto",
+    device: str = "cpu",
+    exact: bool = True,
+    *,
+    flags: frozenset | None = None,
+    openvino: bool | None = None,
+    cuda_bf16: bool | None = None,
+) -> EncoderPlan:
+    """Decide backend and precision from the request, the device and this CPU's flags.
+
+    ``flags``, ``openvino`` (importable or not) and ``cuda_bf16`` default to what this machine
+    has; tests pass fake ones. ``exact`` always means f32. Otherwise the CPU runs bf16 only
+    where it has it in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than
+    f32, and the int8 paths measured (torch dynamic quantisation, ONNX Runtime) miss the
+    cosine >= 0.9999 bound, so those CPUs run f32. A GPU runs bf16 (CUDA with bf16) or f16.
     """
-    length = 2 * size - 1
-    if rel_pos.shape[0] != length:
-        rel_pos = F.interpolate(rel_pos.t()[None], size=length, mode="linear")[0].t()
-    coords = torch.arange(size, device=rel_pos.device)
-    return rel_pos[(coords[:, None] - coords[None, :] + size - 1)]
-
-
-def _split_qkv(attn: torch.nn.Module, x: torch.Tensor):
-    b, h, w, _ = x.shape
-    qkv = attn.qkv(x).reshape(b, h * w, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
-    return qkv.unbind(0)  # each B x heads x N x C
-
-
-def _bias(
-    q: torch.Tensor, rh: torch.Tensor, rw: torch.Tensor, h: int, w: int, out: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Decomposed rel-pos bias (B x heads x N x N) for queries ``q`` (B x heads x N x C).
-
-    ``out`` lets the global blocks reuse one buffer for all heads: a fresh 64 MiB tensor per
-    head costs more in page faults than the addition itself.
-    """
-    lead = q.shape[:-2]
-    r_q = q.reshape(*lead, h, w, q.shape[-1])
-    rel_h = torch.einsum("...hwc,hkc->...hwk", r_q, rh)
-    rel_w = torch.einsum("...hwc,wkc->...hwk", r_q, rw)
-    if out is None:
-        out = torch.empty((*lead, h, w, h, w), dtype=q.dtype, device=q.device)
-    torch.add(rel_h[..., :, None], rel_w[..., None, :], out=out.view(*lead, h, w, h, w))
-    return out.view(*lead, h * w, h * w)
-
-
-def _sdpa_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """Drop-in forward for ``segment_anything``'s ViT ``Attention`` using SDPA.
-
-    Global blocks (many tokens) go one head at a time so the float mask stays small; windowed
-    blocks (196 tokens per window) go in one call.
-    """
-    b, h, w, _ = x.shape
-    q, k, v = _split_qkv(self, x)
-    if not self.use_rel_pos:
-        out = F.scaled_dot_product_attention(q, k, v)
-    else:
-        rh = _rel_pos(h, self.rel_pos_h)
-        rw = _rel_pos(w, self.rel_pos_w)
-        if h * w <= 1024:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=_bias(q, rh, rw, h, w))
-        else:
-            out = torch.empty_like(q)
-            mask = torch.empty((b, 1, h * w, h * w), dtype=q.dtype, device=q.device)
-            for head in range(q.shape[1]):
-                sl = slice(head, head + 1)
-                _bias(q[:, sl], rh, rw, h, w, out=mask)
-                out[:, sl] = F.scaled_dot_product_attention(q[:, sl], k[:, sl], v[:, sl], attn_mask=mask)
-            del mask
-    out = out.permute(0, 2, 1, 3).reshape(b, h, w, -1)
-    return self.proj(out)
-
-
-def _quantise_linears(encoder: torch.nn.Module) -> None:
-    """Swap the ViT blocks' Linear layers for int8 dynamic-quantised ones (CPU only)."""
-    from torch.ao.quantization import quantize_dynamic
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for block in encoder.blocks:
-            quantize_dynamic(block, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-
-
-def accelerate_image_encoder(sam: torch.nn.Module, exact: bool = True) -> None:
-    """Give the attention modules of *this* model's image encoder the SDPA forward.
-
-    Binding a method on each instance (not assigning to the class) keeps every other SAM in the
-    process, and ``segment_anything`` itself, untouched.
-    """
-    encoder = sam.image_encoder
-    blocks = getattr(encoder, "blocks", None)
-    if blocks is None:
-        return  # not a ViT (e.g. MobileSAM's TinyViT): leave it as it is
-    if not exact and next(encoder.parameters()).device.type == "cpu":
-        _quantise_linears(encoder)
-    for block in blocks:
-        attn = block.attn
-        attn.forward = types.MethodType(_sdpa_forward, attn)
+    if backend not in BACKENDS:
+        raise BackendError(f"backend {backend!r}: use one of {', '.join(BACKENDS)}")
+    kind = torch.device(device).type
+    if kind != "cpu":
+        if backend == "openvino":
+            raise BackendError(f"backend 'openvino' runs on the CPU only, not on {device}; add --device cpu")
+        if exact:
+            return EncoderPlan("torch", "f32", f"exact on {kind}")
+        if kind == "cuda" and (torch.cuda.is_bf16_supported() if cuda_bf16 is None else cuda_bf16):
+            return EncoderPlan("torch", "bf16", "fast on a GPU with bf16")
+        return EncoderPlan("torch", "f16", f"fast on {kind}")
+    if flags is None:
+        flags = accel.cpu_flags()
+    if openvino is None:
+        openvino = accel.openvino_version() is not None
+    if backend == "openvino" and not openvino:
+        raise BackendError(
+            "backend 'openvino': OpenVINO is not installed; pip install 'medico-adapters[fast]' or use --backend torch"
+        )
+    bf16 = accel.native_bf16(flags)
+    precision = "f32" if exact or not bf16 else "bf16"
+    why = "exact" if exact else ("fast; the CPU has native bf16" if bf16 else "fast; no native bf16 on this CPU")
+    if backend == "torch":
+        return EncoderPlan("torch", precision, why)
+    if not openvino:
+        return EncoderPlan("torch", precision, f"{why}; OpenVINO is not installed", missing_openvino=True)
+    return EncoderPlan("openvino", precision, why)
 
 
 def checkpoint_identity(state_dict: dict[str, torch.Tensor]) -> str:
@@ -193,6 +202,8 @@ class Predictor:
 
     ``checkpoint`` is a path in any format ``load_checkpoint`` reads, or a loaded ``Checkpoint``.
     ``exact=True`` reproduces ``SamPredictor``'s embedding; ``exact=False`` is faster and close.
+    ``backend`` picks what runs the image encoder (see ``choose_backend``); ``describe()`` says
+    what was chosen and why.
     """
 
     def __init__(
@@ -202,27 +213,76 @@ class Predictor:
         exact: bool = True,
         *,
         trust: bool = False,
+        backend: str = "auto",
+        log: Callable[[str], object] | None = None,
     ) -> None:
         from segment_anything.utils.transforms import ResizeLongestSide
 
+        self.device = torch.device(select_device(device))
+        plan = choose_backend(backend, str(self.device), exact)
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(Path(checkpoint), trust=trust)
         require_loadable(ckpt)
         self.checkpoint_path = ckpt.info.path
         self.arch = ckpt.info.arch
         self.exact = exact
         self.checkpoint_id = checkpoint_identity(ckpt.state_dict)
-        self.device = torch.device(select_device(device))
         self.model = _build_sam(ckpt).to(self.device)
-        accelerate_image_encoder(self.model, exact=exact)
+        del ckpt
+        self.encoder_cache: str | None = None  # the compiled-encoder file OpenVINO loaded or wrote
+        self.plan = self._accelerate(plan, log)
         self.transform = ResizeLongestSide(self.model.image_encoder.img_size)
         self._dense_pe = None
         self._prep: _Prepared | None = None
         self._embedding: Embedding | None = None
 
+    def _accelerate(self, plan: EncoderPlan, log) -> EncoderPlan:
+        """Swap in the planned encoder; a failed OpenVINO conversion falls back to torch, with a warning.
+
+        ``log`` hears about the one slow step users would otherwise wonder about: the first
+        conversion of a checkpoint.
+        """
+        if plan.backend == "openvino":
+            from medico_adapters import fsio
+            from medico_adapters.registry import cache_dir
+
+            try:
+                encoder = accel.openvino_encoder(
+                    self.model.image_encoder, plan.precision, cache_dir=cache_dir() / "openvino",
+                    key=f"{self.arch}-{self.checkpoint_id}", write=fsio.atomic_write, log=log,
+                )
+            except Exception as e:  # any OpenVINO or export failure leaves the torch path, which works
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+                plan = EncoderPlan("torch", plan.precision, f"{plan.reason}; OpenVINO failed ({type(e).__name__}: {first})")
+                warnings.warn(f"OpenVINO could not compile the image encoder, using torch: {plan.reason}",
+                              BackendWarning, stacklevel=3)
+            else:
+                self.model.image_encoder = encoder
+                self.encoder_cache = f"{'loaded' if encoder.from_cache else 'wrote'} {encoder.cache_file}"
+                return plan
+        elif plan.missing_openvino:
+            warnings.warn("OpenVINO is not installed, so CPU embeddings use the slower torch path; "
+                          "pip install 'medico-adapters[fast]' for the fast one", BackendWarning, stacklevel=3)
+        accel.bind_sdpa_attention(self.model.image_encoder)
+        return plan
+
+    @property
+    def backend(self) -> str:
+        return self.plan.backend
+
+    @property
+    def precision(self) -> str:
+        return self.plan.precision
+
     @property
     def identity(self) -> str:
-        """What an embedding depends on besides the image: weights and exact/fast mode."""
-        return f"{self.arch}-{self.checkpoint_id}-{'exact' if self.exact else 'fast'}"
+        """What an embedding depends on besides the image: weights, and the precision when not exact."""
+        mode = "exact" if self.exact else f"fast-{self.plan.backend}-{self.plan.precision}"
+        return f"{self.arch}-{self.checkpoint_id}-{mode}"
+
+    def describe(self) -> dict:
+        """Backend, precision and why, for reports and ``--json``."""
+        return {"backend": self.plan.backend, "precision": self.plan.precision, "reason": self.plan.reason,
+                "encoder_cache": self.encoder_cache}
 
     # -- embedding -------------------------------------------------------------------------
     def embed(self, image: np.ndarray) -> Embedding:
@@ -230,9 +290,16 @@ class Predictor:
         rgb = as_rgb(image)
         resized = self.transform.apply_image(rgb)
         tensor = torch.as_tensor(resized, device=self.device).permute(2, 0, 1).contiguous()[None]
-        with torch.inference_mode():
-            features = self.model.image_encoder(self.model.preprocess(tensor))
+        with torch.inference_mode(), self._autocast():
+            features = self.model.image_encoder(self.model.preprocess(tensor)).float()
         return Embedding(features, tuple(rgb.shape[:2]), tuple(tensor.shape[-2:]))
+
+    def _autocast(self):
+        """Lower precision for the torch backend when planned (OpenVINO sets its own)."""
+        if self.plan.backend != "torch" or self.plan.precision == "f32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.plan.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
 
     def set_image(self, image: np.ndarray) -> None:
         """Embed ``image`` (HxW grey or HxWx3 RGB uint8) and make it current."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -352,11 +353,12 @@ def segment(
     cache: bool = True,
     progress: bool = True,
     predictor: Predictor | None = None,
+    backend: str = "auto",
 ) -> dict:
     """Segment ``image_path`` and write the label image to ``out_path``; return a report dict.
 
-    ``predictor`` lets a caller reuse a loaded model (then ``checkpoint``/``device``/``exact``
-    are taken from it). See the module docstring for the prompt conventions.
+    ``predictor`` lets a caller reuse a loaded model (then ``checkpoint``/``device``/``exact``/
+    ``backend`` are taken from it). See the module docstring for the prompt conventions.
     """
     started = time.perf_counter()
     if auto and (points or boxes):
@@ -389,13 +391,18 @@ def segment(
 
     pixels, norm = normalise(volume, window)
     if predictor is None:
-        predictor = Predictor(checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact)
+        say = (lambda line: print(f"medico-adapters: {line}", file=sys.stderr, flush=True)) if progress else None
+        predictor = Predictor(
+            checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact, backend=backend,
+            log=say,
+        )
     vp = VolumePredictor(predictor, pixels, norm, cache=cache)
 
     report = {
         "image": str(image_path), "output": str(out_path), "shape": list(loaded.array.shape),
         "mode": "auto" if auto else "prompt", "slice": z, "normalisation": norm,
         "checkpoint": predictor.checkpoint_path, "device": str(predictor.device), "exact": predictor.exact,
+        **predictor.describe(),
     }
     labels = np.zeros(shape, dtype=np.uint16 if auto else np.uint8)
     if auto:

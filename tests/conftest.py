@@ -84,3 +84,22 @@ def checkpoints(tmp_path_factory, vit_b_state):
     torch.save(vit_b_state, legacy, _use_new_zipfile_serialization=False)
     paths["legacy"] = legacy
     return paths
+
+
+class _OpenVINOBlocker:
+    """A meta path finder that makes ``import openvino`` fail, as on a machine without it."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "openvino" or name.startswith("openvino."):
+            raise ImportError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+
+@pytest.fixture
+def no_openvino(monkeypatch):
+    """This process behaves as if OpenVINO were not installed (restored after the test)."""
+    import sys
+
+    for name in [n for n in sys.modules if n == "openvino" or n.startswith("openvino.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [_OpenVINOBlocker(), *sys.meta_path])

@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from medico_adapters.accel import medico_sam_accel as accel
 from medico_adapters.errors import CheckpointError, ImageError
 from medico_adapters.predictor import Embedding, Predictor
 from medico_adapters.segment import EmbeddingCache, VolumePredictor, propagate, segment
@@ -47,18 +48,47 @@ def reference(sam_and_path):
 
 
 @pytest.fixture(scope="module")
-def exact(sam_and_path):
-    predictor = Predictor(sam_and_path[1], device="cpu")
+def encoder_cache(tmp_path_factory):
+    """A kit cache shared by this module's predictors, so a second start can find the first's encoder."""
+    return tmp_path_factory.mktemp("kit-cache")
+
+
+@pytest.fixture(scope="module")
+def exact(sam_and_path, encoder_cache):
+    """The default predictor: OpenVINO f32 where it is installed, torch with SDPA otherwise."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MEDICO_ADAPTERS_CACHE", str(encoder_cache))
+        predictor = Predictor(sam_and_path[1], device="cpu")
     predictor.set_image(IMAGE)
     return predictor
 
 
 @pytest.mark.slow
 def test_exact_embedding_matches_sam_predictor(reference, exact):
+    assert (exact.backend, exact.precision) == ("openvino" if accel.openvino_version() else "torch", "f32")
     ref = reference.get_image_embedding()
     mine = exact.get_image_embedding()
     assert mine.shape == ref.shape == (1, 256, 64, 64)
     assert (mine - ref).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_torch_backend_embedding_matches_sam_predictor(reference, decoder_pair):
+    _, torch_predictor = decoder_pair
+    assert torch_predictor.backend == "torch"
+    mine = torch_predictor.embed(IMAGE).features
+    assert (mine - reference.get_image_embedding()).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(accel.openvino_version() is None, reason="OpenVINO is not installed")
+def test_second_start_loads_the_compiled_encoder(sam_and_path, exact, encoder_cache, monkeypatch):
+    assert exact.describe()["encoder_cache"].startswith("wrote ")
+    monkeypatch.setenv("MEDICO_ADAPTERS_CACHE", str(encoder_cache))
+    monkeypatch.setattr(accel, "_convert", lambda *_: pytest.fail("converted again instead of loading"))
+    again = Predictor(sam_and_path[1], device="cpu")
+    assert again.describe()["encoder_cache"] == exact.describe()["encoder_cache"].replace("wrote ", "loaded ", 1)
+    assert torch.equal(again.embed(IMAGE).features, exact.get_image_embedding())
 
 
 @pytest.mark.slow
@@ -119,7 +149,7 @@ def _decoder_pair(sam_and_path, size):
     ref.original_size = size
     ref.input_size = tuple(ref.transform.get_preprocess_shape(*size, ref.transform.target_length))
     ref.is_image_set = True
-    ours = Predictor(sam_and_path[1], device="cpu")
+    ours = Predictor(sam_and_path[1], device="cpu", backend="torch")  # the decoder is the same on every backend
     ours.set_embedding(features.clone(), original_size=size)
     return ref, ours
 
@@ -187,21 +217,23 @@ def test_decoder_uses_matrix_upscaling(decoder_pair):
     assert module._upscaling_weights(ours.model.mask_decoder.output_upscaling) is not None
 
 
-def test_segment_anything_itself_is_not_patched(exact):
+def test_segment_anything_itself_is_not_patched(decoder_pair):
     from segment_anything.modeling.image_encoder import Attention
 
-    assert "forward" in vars(exact.model.image_encoder.blocks[0].attn)
+    _, torch_predictor = decoder_pair
+    assert "forward" in vars(torch_predictor.model.image_encoder.blocks[0].attn)
     assert Attention.forward.__module__ == "segment_anything.modeling.image_encoder"
 
 
 @pytest.mark.slow
 def test_fast_mode_is_close(sam_and_path, reference):
     fast = Predictor(sam_and_path[1], device="cpu", exact=False)
+    assert fast.precision == ("bf16" if accel.native_bf16(accel.cpu_flags()) else "f32")
     fast.set_image(IMAGE)
     a = fast.get_image_embedding().flatten()
     b = reference.get_image_embedding().flatten()
-    assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() >= 0.999
-    assert fast.identity.endswith("-fast")
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0).item() >= 0.9999
+    assert fast.identity.endswith(f"-fast-{fast.backend}-{fast.precision}")
 
 
 def test_bad_image_inputs(exact):
