@@ -3,7 +3,9 @@
 State lives in ``<root>/.medico-adapters/``:
 
 * ``manifest.json`` -- tool, layout, kit version, entries, and per changed file the hashes of its
-  original and patched bytes; per placed checkpoint its path, hash and what was there before;
+  original and patched bytes (a file the kit adds is ``created``, with the folders it created for
+  it, which go again with its bytecode when it is removed); per placed checkpoint its path, hash
+  and what was there before;
 * ``backup/<relpath>`` -- the original bytes of every changed file;
 * ``journal.json`` -- present only while a commit is under way: every staged temporary file is
   complete and fsynced before the journal appears, so an interrupted run is rolled forward by the
@@ -238,8 +240,11 @@ def check_target(root: Path, rel: str) -> Path:
         raise PatchError(f"{path}: resolves outside the tool's tree ({real}); refusing to write through it")
     if path.exists() and not os.access(path, os.W_OK):
         raise PatchError(f"{path}: is read-only; make it writable or run as its owner")
-    if not os.access(path.parent, os.W_OK):
-        raise PatchError(f"{path.parent}: folder is not writable")
+    folder = path.parent
+    while not folder.exists() and folder.parent != folder:  # a file the kit adds, in a new folder
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise PatchError(f"{folder}: folder is not writable")
     return real
 
 
@@ -310,6 +315,16 @@ def _roll_forward(root: Path, journal: dict, step: _Steps) -> None:
             elif target.exists():
                 fsio.remove(target)
                 step()
+        elif op["kind"] == "remove_bytecode":  # the tool imported an added module: its cached bytecode
+            cache = target.parent / "__pycache__"
+            for pyc in sorted(cache.glob(f"{target.stem}.*.pyc")) if cache.is_dir() else ():
+                fsio.remove(pyc)
+                step()
+            fsio.remove_empty_dir(cache)
+        elif op["kind"] == "remove_dir":  # a folder the kit created for an added file, if now empty
+            if target.is_dir():
+                fsio.remove_empty_dir(target)
+                step()
         elif op["kind"] == "restore":  # move a kept-aside file back
             src = key_path(root, op["source"])
             if src.exists():
@@ -339,6 +354,26 @@ def _replace_op(root: Path, target: Path, tmp: Path, **extra: str) -> dict:
     return {"kind": "replace", "target": path_key(root, target), "tmp": path_key(root, tmp), **extra}
 
 
+def _new_folders(root: Path, rel: str) -> list[str]:
+    """Keys of the folders above ``rel`` that do not exist yet (deepest first): an added file's
+    own folders, which removing the file removes again."""
+    folders, folder = [], (root / rel).parent
+    while folder != root and not folder.exists():
+        folders.append(path_key(root, folder))
+        folder = folder.parent
+    return folders
+
+
+def _remove_added(root: Path, rel: str, record: dict) -> list[dict]:
+    """Ops that take an added file away with what it brought: its bytecode (the tool imported it)
+    and the folders created for it."""
+    key = path_key(root, check_target(root, rel))
+    ops = [{"kind": "remove", "target": key}]
+    if rel.endswith(".py"):
+        ops.append({"kind": "remove_bytecode", "target": key})
+    return ops + [{"kind": "remove_dir", "target": folder} for folder in record.get("folders", [])]
+
+
 def commit_patch(plan: Plan) -> dict:
     """Write ``plan`` all-or-nothing and return the new manifest."""
     root = plan.root
@@ -356,13 +391,15 @@ def commit_patch(plan: Plan) -> dict:
         if rel not in files or rebased:
             if original is None:
                 files[rel] = {"original_sha256": None, "created": True}
+                if _new_folders(root, rel):
+                    files[rel]["folders"] = _new_folders(root, rel)
             else:
                 backup = state / "backup" / rel
                 stage.append((fsio.temp_path(backup), original))
                 ops.append(_replace_op(root, backup, fsio.temp_path(backup)))
                 files[rel] = {"original_sha256": sha256_bytes(original)}
         if new is None:
-            ops.append({"kind": "remove", "target": path_key(root, real)})
+            ops.extend(_remove_added(root, rel, files[rel]))
         else:
             tmp = fsio.temp_path(real)
             stage.append((tmp, new))
@@ -464,7 +501,7 @@ def commit_unpatch(
     stage, ops, restored = [], [], []
     for rel in sorted(set(manifest["files"]) - set(keep)):
         if manifest["files"][rel].get("created"):
-            ops.append({"kind": "remove", "target": path_key(root, check_target(root, rel))})
+            ops.extend(_remove_added(root, rel, manifest["files"][rel]))
             restored.append(rel)
             continue
         backup = state / "backup" / rel

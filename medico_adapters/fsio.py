@@ -92,6 +92,13 @@ def remove(path: str | os.PathLike) -> None:
     _retrying(lambda: path.unlink(missing_ok=True), path, "remove")
 
 
+def remove_empty_dir(path: str | os.PathLike) -> None:
+    """Delete a folder if it exists and is empty (a folder the kit created and emptied again)."""
+    path = Path(path)
+    if path.is_dir() and not any(path.iterdir()):
+        _retrying(path.rmdir, path, "remove")
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside ``path`` durable, where the OS lets a folder be opened (not Windows)."""
     flags = getattr(os, "O_DIRECTORY", None)

@@ -83,6 +83,8 @@ def transform_files(adapter: Adapter, tree: Tree, layout: Layout, entries: Seque
     if not entries:
         return results
     for step in adapter.steps(tree, layout, entries, options):
+        if step.file not in results:  # a file only an option touches (samm-server's backend)
+            results[step.file] = tree.original(step.file)
         before = results[step.file]
         after = run_codemod(step.transform, before, **step.kwargs)
         if after == before and getattr(step.transform, "REQUIRED", True):
@@ -151,6 +153,8 @@ def plan_patch(
     entries = [Entry.from_dict(d) for d in manifest.get("entries", [])]
     previous = list(entries)
     merged_options = {**manifest.get("options", {}), **(options or {})}
+    if merged_options.get("accelerate") and not adapter.accelerates:
+        raise PatchError(f"{adapter.tool}: has no SAM model of its own for --accelerate to speed up")
 
     placements: list[engine.Placement] = []
     removals: list[Path] = []
@@ -190,6 +194,10 @@ def plan_patch(
         placements.extend(adapter.registrations(tree, layout, entries, previous, merged_options))
 
     files: dict[str, bytes | None] = transform_files(adapter, tree, layout, entries, merged_options)
+    # A file an earlier run changed that no transform changes now (its option went off) goes back.
+    for rel, record in manifest.get("files", {}).items():
+        if rel not in files and not record.get("created") and tree.exists(rel):
+            files[rel] = tree.original(rel)
     # Files the kit adds (not upstream's): today's set, and None for those an earlier run added.
     added = adapter.added_files(tree, layout, merged_options) if entries else {}
     earlier = [rel for rel, rec in manifest.get("files", {}).items() if rec.get("created")]
