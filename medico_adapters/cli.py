@@ -123,7 +123,20 @@ def _tool_options(args) -> dict:
         value = getattr(args, key, None)
         if value not in (None, False):
             options[key] = str(value) if key == "model_dir" else value
+    options.update(_accelerate_option(args))
     return options
+
+
+def _accelerate_option(args) -> dict:
+    """``--accelerate`` / ``--no-accelerate``: kept in the manifest, so only an explicit flag changes it."""
+    from medico_adapters.adapters.accelerate import TOOLS
+
+    accelerate = getattr(args, "accelerate", None)
+    if accelerate is None:
+        return {}
+    if accelerate and args.tool not in TOOLS:
+        raise MedicoError(f"--accelerate: {args.tool} has no SAM model of its own for the kit to accelerate; it works for {', '.join(TOOLS)}")
+    return {"accelerate": accelerate}
 
 
 #: tools found through the Python that runs napari (``--python``).
@@ -159,6 +172,7 @@ def cmd_patch(args) -> int:
     if args.tool == "micro-sam":
         from medico_adapters.adapters import micro_sam
 
+        _accelerate_option(args)
         result = micro_sam.patch(args.checkpoint, cache=args.path, dry_run=args.dry_run, trust=args.trust_checkpoint)
         _emit(args, result, result["message"])
         return 0
@@ -381,6 +395,13 @@ def _add_tool_options(p) -> None:
     compat.add_argument("--napari-compat", dest="napari_compat", action="store_true", default=None,
                         help="napari-sam: also fix the napari>=0.6.2 layers_change break; napari-segment-anything: the napari>=0.5 add_labels break (auto-detected)")
     compat.add_argument("--no-napari-compat", dest="napari_compat", action="store_false")
+    fast = p.add_mutually_exclusive_group()
+    fast.add_argument("--accelerate", dest="accelerate", action="store_true", default=None,
+                      help="napari-sam, napari-segment-anything, samm, slicer-segment-with-sam: the tool's own SAM model "
+                           "gets the kit's faster image encoder, with the same embedding (OpenVINO f32 when installed in "
+                           "the tool's Python, else SDPA); kept until --no-accelerate")
+    fast.add_argument("--no-accelerate", dest="accelerate", action="store_false",
+                      help="remove the accelerator again (the rest of the patch stays)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,6 +45,8 @@ class Adapter:
 
     tool: str = ""
     description: str = ""
+    #: whether ``patch --accelerate`` can give this tool's SAM model the kit's encoder (see accelerate.py).
+    accelerates: bool = False
 
     def locate(self) -> Path:
         raise PatchError(f"{self.tool}: no installed copy to find; pass --path")

@@ -25,6 +25,7 @@ from libcst.codemod.visitors import AddImportsVisitor
 from packaging.version import Version
 
 from medico_adapters import pyenv
+from medico_adapters.adapters import accelerate
 from medico_adapters.adapters.base import (
     LOCAL_SCHEME,
     MEDICOSAM_FILENAME,
@@ -370,6 +371,7 @@ class NapariSamAdapter(Adapter):
     packages = PACKAGES
     #: prepended to checkpoint file names; the forks share one cache folder (see napari_segment_anything.py).
     filename_prefix = ""
+    accelerates = True
 
     def locate(self, python: str | None = None) -> Path:
         """The package installed for ``python`` (default: the kit's own interpreter)."""
@@ -432,6 +434,8 @@ class NapariSamAdapter(Adapter):
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
         widget = layout.files[0]
         compat = [Step(widget, LayersChangeCompat), Step(widget, PointsBorderColorCompat)] if options.get("napari_compat") else []
+        if options.get("accelerate"):
+            compat.append(Step(widget, accelerate.AccelerateModel, {"import_from": "." + accelerate.MODULE}))
         if layout.name == "N3":
             return [
                 Step(widget, AddSamModelsEntry, {"entries": entries}),
@@ -464,7 +468,12 @@ class NapariSamAdapter(Adapter):
         return Path.home() / CACHE_SUBDIR / entry.filename
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
-        return ["napari>=0.6.2 compat (layers_change, add_points border_color)"] if options.get("napari_compat") else []
+        compat = ["napari>=0.6.2 compat (layers_change, add_points border_color)"] if options.get("napari_compat") else []
+        return compat + accelerate.features(options)
+
+    def added_files(self, tree: Tree, layout: Layout, options: dict) -> dict[str, bytes]:
+        """The accelerator, a sibling module of ``_widget.py`` in the plugin's package."""
+        return accelerate.module_file(layout.package) if options.get("accelerate") else {}
 
 
 ADAPTER = NapariSamAdapter()

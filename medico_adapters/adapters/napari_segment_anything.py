@@ -23,6 +23,7 @@ from libcst.codemod.visitors import AddImportsVisitor
 from packaging.version import Version
 
 from medico_adapters import pyenv
+from medico_adapters.adapters import accelerate
 from medico_adapters.adapters.base import Layout, Step, string_literal
 from medico_adapters.adapters.napari_sam import NapariSamAdapter, widget_classes
 from medico_adapters.engine import Entry, Tree
@@ -102,7 +103,8 @@ class NapariSegmentAnythingAdapter(NapariSamAdapter):
         return [*steps, Step(layout.files[0], LabelsColormapCompat)] if options.get("napari_compat") else steps
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
-        return ["napari>=0.5 compat (add_labels colormap)"] if options.get("napari_compat") else []
+        compat = ["napari>=0.5 compat (add_labels colormap)"] if options.get("napari_compat") else []
+        return compat + accelerate.features(options)
 
 
 ADAPTER = NapariSegmentAnythingAdapter()

@@ -22,6 +22,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 
+from medico_adapters.adapters import accelerate
 from medico_adapters.adapters.base import (
     MEDICOSAM_FILENAME,
     Adapter,
@@ -46,6 +47,12 @@ SERVER_MAIN = "samm-python-terminal/sam_server.py"
 LEGACY_FILES = (SERVER_MSG, SLICER_MSG, WIDGET, SERVER_UTIL, SERVER_MAIN)
 WORKSPACE = "samm-python-terminal/samm-workspace"
 REGISTRY = "service/samm_server/model_registry.py"
+#: where samm-server's sam1 backend builds its model: its own module, or (1.2) the predictor base
+#: class it shares with the MobileSAM backend, where ``self.module_name`` tells them apart.
+SAM1_BACKENDS = {
+    "service/samm_server/backends/sam1.py": None,
+    "service/samm_server/backends/sam_predictor.py": 'self.module_name == "segment_anything"',
+}
 DEFAULT_NAME = "medicosam_vit_b"
 DISPATCH_PREFIXES = ("vit_", "mobile_", "medsam_")
 MODELS_TABLE = "MEDICO_ADAPTERS_MODELS"
@@ -641,6 +648,22 @@ class AddProtocolIds(VisitorBasedCodemodCommand):
 class SammAdapter(Adapter):
     tool = "samm"
     description = "samm (bingogome/samm): legacy server + SammBase (S2-S4) and samm-server >= 1.2"
+    accelerates = True
+
+    def _sam1_backend(self, tree: Tree) -> tuple[str, str | None]:
+        """samm-server's file that builds the sam1 model, and the condition that selects sam1 there."""
+        for rel, only_if in SAM1_BACKENDS.items():
+            if tree.exists(rel) and b"sam_model_registry" in tree.original(rel):
+                return rel, only_if
+        raise LayoutError(f"{tree.root}: samm-server without a sam1 backend that builds a model ({', '.join(SAM1_BACKENDS)}); cannot --accelerate it")
+
+    def _accelerated(self, tree: Tree, layout: Layout) -> tuple[Step, str]:
+        """The accelerate step and the folder its module goes in."""
+        if layout.name == "samm-server":
+            rel, only_if = self._sam1_backend(tree)
+            return Step(rel, accelerate.AccelerateModel, {"import_from": "." + accelerate.MODULE, "only_if": only_if}), rel.rsplit("/", 1)[0]
+        # the server runs as a script (`python sam_server.py`): its folder is first on sys.path
+        return Step(SERVER_UTIL, accelerate.AccelerateModel, {"import_from": accelerate.MODULE}), SERVER_UTIL.rsplit("/", 1)[0]
 
     def _protocol(self, tree: Tree) -> str | None:
         for path in sorted(tree.root.glob("samm/*/samm_lib/protocol.py")):
@@ -679,9 +702,10 @@ class SammAdapter(Adapter):
         return Layout(name, f"legacy samm ({descriptions[name]}): SammModelMapper + initNetwork prefix dispatch", LEGACY_FILES)
 
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
+        accelerated = [self._accelerated(tree, layout)[0]] if options.get("accelerate") else []
         if layout.name == "samm-server":
             registry, protocol = layout.files
-            return [Step(registry, AddModelDefinitions, {"entries": entries}), Step(protocol, AddProtocolIds, {"entries": entries})]
+            return [Step(registry, AddModelDefinitions, {"entries": entries}), Step(protocol, AddProtocolIds, {"entries": entries}), *accelerated]
         steps = [
             Step(SERVER_MSG, AddMapperEntries, {"entries": entries}),
             Step(SLICER_MSG, AddMapperEntries, {"entries": entries}),
@@ -697,7 +721,11 @@ class SammAdapter(Adapter):
                 Step(SERVER_UTIL, SetDefaultModel, {"name": default.name}),
                 Step(SERVER_MAIN, SetStartupCheckpoint, {"filename": default.filename}),
             ]
-        return steps
+        # last: the exact-name loader added above builds a model too, and is accelerated with the rest
+        return steps + accelerated
+
+    def added_files(self, tree: Tree, layout: Layout, options: dict) -> dict[str, bytes]:
+        return accelerate.module_file(self._accelerated(tree, layout)[1]) if options.get("accelerate") else {}
 
     def default_entry(self) -> Entry:
         return Entry(DEFAULT_NAME, "vit_b", MEDICOSAM_FILENAME, default=True)
@@ -732,8 +760,9 @@ class SammAdapter(Adapter):
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
         if layout.name == "samm-server":
-            return []
-        return ["cpu fallback"] + ([] if options.get("keep_default") else ["MedicoSAM is the default model"])
+            return accelerate.features(options)
+        legacy = ["cpu fallback"] + ([] if options.get("keep_default") else ["MedicoSAM is the default model"])
+        return legacy + accelerate.features(options)
 
 
 def _definition_ids(node: cst.BaseExpression) -> list[str]:

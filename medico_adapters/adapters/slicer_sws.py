@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 
 from medico_adapters import locations
+from medico_adapters.adapters import accelerate
 from medico_adapters.adapters.base import (
     MEDICOSAM_FILENAME,
     Adapter,
@@ -352,6 +353,7 @@ def _folder_expression(module: cst.Module, attr: str) -> list[cst.BaseExpression
 class SlicerSwsAdapter(Adapter):
     tool = "slicer-segment-with-sam"
     description = "SlicerSegmentWithSAM (mazurowski-lab): W1 (2023, one model) and W2 (2024+, model drop-down)"
+    accelerates = True
 
     def _module(self, tree: Tree) -> str:
         for pattern in (SOURCE_MODULE, MODULE, INSTALLED_MODULE, f"{EXTENSION}/{INSTALLED_MODULE}"):
@@ -442,14 +444,26 @@ class SlicerSwsAdapter(Adapter):
 
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
         rel = layout.files[0]
+        # Slicer puts the module's folder on sys.path; last, so the branches added above get it too.
+        accelerated = [Step(rel, accelerate.AccelerateModel, {"import_from": accelerate.MODULE})] if options.get("accelerate") else []
         if layout.name == "W2":
-            return [Step(rel, AddDropDownItems, {"entries": entries}), Step(rel, AddChangeModelBranches, {"entries": entries})]
+            return [Step(rel, AddDropDownItems, {"entries": entries}), Step(rel, AddChangeModelBranches, {"entries": entries}), *accelerated]
         entry = next((e for e in entries if e.default), entries[0])
         steps = [Step(rel, PointModelAttributes, {"entry": entry})]
         # the oldest W1 only prints where to put the file; there is no download to guard.
         if any(_called(c) in DOWNLOADERS for c in m.findall(parse(tree, rel), m.Call())):
             steps.append(Step(rel, GuardCheckpointDownload, {"filename": entry.filename}))
-        return steps
+        return steps + accelerated
+
+    def added_files(self, tree: Tree, layout: Layout, options: dict) -> dict[str, bytes]:
+        """The accelerator, as a package beside the module: Slicer would load a bare ``.py`` there
+        as a scripted module of its own (see accelerate.py)."""
+        if not options.get("accelerate"):
+            return {}
+        return accelerate.module_file(PurePosixPath(layout.files[0]).parent.as_posix(), package=True)
+
+    def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
+        return accelerate.features(options)
 
     def default_entry(self) -> Entry:
         return Entry(DEFAULT_NAME, "vit_b", MEDICOSAM_FILENAME, default=True)
