@@ -72,3 +72,37 @@ def test_an_added_file_the_user_edited_is_not_deleted_silently(tree, checkpoints
     with pytest.raises(Exception, match="changed since it was patched"):
         patching.unpatch(ADAPTER, tree)
     assert (tree / HELPER).read_bytes() == b"VERSION = 2  # mine\n"
+
+
+class WithPackage(SammAdapter):
+    """samm's adapter, plus a package in folders the tree does not have."""
+
+    def added_files(self, tree, layout, options):
+        return {"samm-python-terminal/kit/helper/__init__.py": b"VERSION = 1\n"} if options.get("helper") else {}
+
+
+@pytest.mark.parametrize("how", ["unpatch", "option off"])
+def test_folders_made_for_an_added_file_and_its_bytecode_go_with_it(how, tree, checkpoints):
+    import importlib.util
+    import py_compile
+
+    adapter = WithPackage()
+    (tree / "samm-python-terminal/__pycache__").mkdir()
+    (tree / "samm-python-terminal/__pycache__/utl_sam_msg.cpython-311.pyc").write_bytes(b"theirs")
+    before = snapshot(tree)
+    folders = sorted(p for p in tree.rglob("*") if p.is_dir())
+    patching.patch(adapter, tree, checkpoint=checkpoints["plain"], options={"helper": True})
+    added = tree / "samm-python-terminal/kit/helper/__init__.py"
+    manifest = json.loads((tree / STATE_DIR / "manifest.json").read_text("utf-8"))
+    assert manifest["files"]["samm-python-terminal/kit/helper/__init__.py"]["folders"] == [
+        "samm-python-terminal/kit/helper", "samm-python-terminal/kit"]
+    py_compile.compile(str(added), cfile=importlib.util.cache_from_source(str(added)))  # the tool imported it
+    if how == "unpatch":
+        patching.unpatch(adapter, tree)
+        assert snapshot(tree) == before
+    else:
+        patching.patch(adapter, tree, options={"helper": False})
+    assert not (tree / "samm-python-terminal/kit").exists()
+    assert sorted(p for p in tree.rglob("*") if p.is_dir() and STATE_DIR not in p.parts and "samm-workspace" not in p.parts) == [
+        p for p in folders if "samm-workspace" not in p.parts]
+    assert (tree / "samm-python-terminal/__pycache__/utl_sam_msg.cpython-311.pyc").read_bytes() == b"theirs"
