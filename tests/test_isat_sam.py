@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import types
 
 import libcst as cst
@@ -21,6 +22,18 @@ from medico_adapters.errors import LayoutError, PatchError
 from tests.helpers import check_noop, check_transformed, copy_fixture, import_fresh, snapshot
 
 MEDICO = [Entry("MedicoSAM", "vit_b", "sam_vit_b_medicosam.pth", default=True)]
+
+
+@pytest.fixture(autouse=True)
+def _pyqt5(monkeypatch):
+    """The fixture's dialog imports PyQt5 as ISAT's does; a stand-in where it is not installed."""
+    try:
+        import PyQt5.QtWidgets  # noqa: F401
+    except ImportError:
+        qt = types.ModuleType("PyQt5")
+        qt.QtWidgets = types.SimpleNamespace(QMessageBox=None)
+        monkeypatch.setitem(sys.modules, "PyQt5", qt)
+        monkeypatch.setitem(sys.modules, "PyQt5.QtWidgets", qt.QtWidgets)
 
 
 # --- transforms ------------------------------------------------------------------------------

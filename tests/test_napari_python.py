@@ -7,6 +7,7 @@ must read from that interpreter rather than from the kit's own napari.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,12 +67,19 @@ def cli(*args, home: Path, path_prefix: Path | None = None, cwd: Path | None = N
     return subprocess.run([sys.executable, "-m", "medico_adapters", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+#: these compare against the napari-sam installed beside the kit (the README's [demo] extra).
+needs_kit_napari_sam = pytest.mark.skipif(
+    importlib.util.find_spec("napari_sam") is None, reason="napari-sam is not installed for the kit's Python ([demo] extra)"
+)
+
+
 def kit_copy() -> Path:
     """The napari-sam installed for the kit's Python (asked in a fresh process: this one may
     hold a temporary copy another test imported)."""
     return pyenv.package_dir(sys.executable, ("napari_sam",))
 
 
+@needs_kit_napari_sam
 def test_patch_status_unpatch_the_copy_another_python_runs(other_env, checkpoints, tmp_path):
     python, package = other_env
     home = tmp_path / "home"
@@ -101,6 +109,7 @@ def test_patch_status_unpatch_the_copy_another_python_runs(other_env, checkpoint
     assert snapshot(kit_copy()) == kit_before
 
 
+@needs_kit_napari_sam
 @pytest.mark.skipif(os.name == "nt", reason="a napari launcher on Windows is an .exe, not a #! script")
 def test_napari_on_path_from_another_env_is_pointed_out(other_env, tmp_path):
     python, _ = other_env

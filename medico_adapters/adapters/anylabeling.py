@@ -18,7 +18,6 @@ otherwise it removes only the kit's entries and keeps the rest of what AnyLabeli
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,11 +106,7 @@ class AnyLabelingAdapter(Adapter):
     tool = "anylabeling"
     description = "AnyLabeling (anylabeling on PyPI), 0.4.x: ONNX SAM models, custom models in ~/.anylabelingrc"
 
-    def locate(self) -> Path:
-        spec = importlib.util.find_spec(PACKAGE)
-        if spec is not None and spec.submodule_search_locations:
-            return Path(list(spec.submodule_search_locations)[0])
-        raise PatchError("anylabeling is not installed in this environment; run `medico-adapters install anylabeling` or pass --path")
+    packages = (PACKAGE,)
 
     @staticmethod
     def _package(tree: Tree) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import libcst as cst
 from libcst.codemod import CodemodContext, SkipFile, VisitorBasedCodemodCommand
 
+from medico_adapters import pyenv
 from medico_adapters.checkpoint import Checkpoint, write_plain
 from medico_adapters.engine import Entry, Placement, Tree
 from medico_adapters.errors import LayoutError, PatchError
@@ -48,8 +49,17 @@ class Adapter:
     #: whether ``patch --accelerate`` can give this tool's SAM model the kit's encoder (see accelerate.py).
     accelerates: bool = False
 
+    #: import names of the tool's package, for tools installed into a Python environment.
+    packages: tuple[str, ...] = ()
+
     def locate(self) -> Path:
-        raise PatchError(f"{self.tool}: no installed copy to find; pass --path")
+        """The installed copy: the first of ``packages`` the kit's own Python imports."""
+        found = pyenv.package_dir(None, self.packages) if self.packages else None
+        if found is None:
+            if not self.packages:
+                raise PatchError(f"{self.tool}: no installed copy to find; pass --path")
+            raise PatchError(f"{self.tool} is not installed in this environment; run `medico-adapters install {self.tool}` or pass --path")
+        return found
 
     def resolve(self, path: Path | None) -> Path:
         """The tree root to patch for ``--path`` (any level of an install the adapter knows),

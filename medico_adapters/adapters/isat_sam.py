@@ -17,7 +17,6 @@ full path would take another branch or architecture, or skip ISAT's bf16 cast, i
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,11 +298,7 @@ class IsatSamAdapter(Adapter):
     tool = "isat-sam"
     description = "ISAT-SAM (isat-sam on PyPI), 1.5.x"
 
-    def locate(self) -> Path:
-        spec = importlib.util.find_spec(PACKAGE)
-        if spec is not None and spec.submodule_search_locations:
-            return Path(list(spec.submodule_search_locations)[0])
-        raise PatchError("isat-sam is not installed in this environment; run `medico-adapters install isat-sam` or pass --path")
+    packages = (PACKAGE,)
 
     @staticmethod
     def _package(tree: Tree) -> str:
