@@ -389,6 +389,13 @@ def test_segment_end_to_end_with_cache(ct_volume, tmp_path, exact):
     assert second["embeddings"]["from_cache"] == first["embeddings"]["computed"]
     assert second["voxels"] == first["voxels"]
 
+    # --no-propagate on a volume: only the prompted slice is written, in the volume's geometry
+    only = segment(ct_volume, out, **{**kwargs, "points": [(1, 24, 20, 1)]}, propagate_masks=False)
+    assert "propagation" not in only and only["slice"] == 1
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(out)))
+    assert written.shape == (2, 48, 40) and not written[0].any()
+    assert int(written[1].sum()) == only["voxels"]
+
 
 @pytest.mark.slow
 def test_segment_auto_2d_writes_labels(tmp_path, exact):
