@@ -2,6 +2,9 @@
 
     python benchmarks/bench_tools.py --samm-src SAMM --slicer-src SWS --out benchmarks/RESULTS-tools.md
 
+(27 minutes on a 2-core CPU with the defaults; samm's server also needs pyzmq, opencv-python-headless,
+matplotlib, tqdm, timm and mobilesam-mirror where it runs.)
+
 Every figure comes from the tool's own code, run in a fresh process per tool and variant, on copies
 of the tools patched by the kit (``plain``: ``patch TOOL``; ``accelerated``: ``patch TOOL --accelerate``):
 
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +238,17 @@ def _segment(volume: Path, point: str, ckpt: Path, env: dict, *extra: str) -> di
     return report
 
 
+def _source(tool: str, src: Path) -> str:
+    """Which checkout ran: its layout and commit (a folder named by its commit, as CI unpacks them, counts)."""
+    from medico_adapters import patching
+    from medico_adapters.adapters import get_adapter
+
+    status = patching.status(get_adapter(tool), src)
+    proc = subprocess.run(["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True)
+    commit = proc.stdout.strip() if proc.returncode == 0 else src.resolve().name
+    return f"{tool} {status['layout']} at {commit[:12]}"
+
+
 def _median(values) -> float:
     return float(np.median(values)) if values else float("nan")
 
@@ -253,7 +268,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slicer-src", type=Path, help="a SlicerSegmentWithSAM W2 checkout; without it Slicer is skipped")
     parser.add_argument("--slices", type=int, default=64, help="slices of the CT-like volume napari-sam embeds")
     parser.add_argument("--size", type=int, default=512, help="side of each slice")
-    parser.add_argument("--samm-cube", type=int, default=2, help="side of the block samm embeds (3 x side slices)")
+    parser.add_argument("--samm-cube", type=int, default=4, help="side of the block samm embeds (3 x side slices)")
     parser.add_argument("--slicer-slices", type=int, default=3, help="slices SegmentWithSAM's predictor embeds")
     parser.add_argument("--out", metavar="MD", help="also write the report to this markdown file")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
@@ -287,6 +302,8 @@ def main(argv=None) -> int:
         slicer_slices = ",".join(str(int(v)) for v in picks)
 
         results: dict[str, dict] = {}
+        sources = [f"{tool} {version(tool)}" for tool in ("napari-sam", "napari")]
+        sources += [_source(tool, src) for tool, src in (("samm", args.samm_src), ("slicer-segment-with-sam", args.slicer_src)) if src]
         import napari_sam
 
         from medico_adapters.adapters.napari_sam import needs_layers_compat
@@ -319,7 +336,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work / "cache" / "embeddings")  # the 3D run embeds its slices afresh
         kit_full = _segment(nifti, point, ckpt, env)
         masks = [np.load(work / f"napari-{v}-mask.npy") for v in VARIANTS]
-        report = _report(args, results, cold, kit_cold, kit_first, kit_full, masks, work, load_before)
+        report = _report(args, results, cold, kit_cold, kit_first, kit_full, masks, work, load_before, sources)
     print(report)
     if args.out:
         from medico_adapters import fsio
@@ -328,7 +345,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _report(args, results, cold, kit_cold, kit_first, kit_full, masks, work, load_before) -> str:
+def _report(args, results, cold, kit_cold, kit_first, kit_full, masks, work, load_before, sources) -> str:
     flags = accel.cpu_flags()
     shown = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c", "sse4", "neon", "asimd", "sve", "bf16", "fp16")))
     rows = []
@@ -350,7 +367,7 @@ def _report(args, results, cold, kit_cold, kit_first, kit_full, masks, work, loa
         "",
         f"CPU: **{_cpu_name()}** ({platform.machine()}, {platform.system()}), {torch.get_num_threads()} torch threads. "
         f"Flags: {' '.join(shown) or 'unknown'}.",
-        f"Versions: {_versions()}, Python {platform.python_version()}.",
+        f"Versions: {_versions()}, Python {platform.python_version()}. Tools: {'; '.join(sources)}.",
         f"Load average (1, 5, 15 min) before: {load_before}; after: {_load()}. A load above the core count "
         "means other work shared the CPU: the seconds are noisy, compare ratios within this run.",
         "",
