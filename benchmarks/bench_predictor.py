@@ -135,11 +135,10 @@ def _prepare(variant: str, ckpt: Path, work: Path, image: np.ndarray):
     if variant == "torch-bf16-weights":
         accel.bind_sdpa_attention(encoder)
         encoder = encoder.to(torch.bfloat16)
-        xb = x.to(torch.bfloat16)
 
         def run():
             with torch.inference_mode():
-                return encoder(xb).float()
+                return encoder(_encoder_input(sam, image).to(torch.bfloat16)).float()
 
         return run, "bf16", ""
     if variant == "torch-compile":
@@ -147,7 +146,7 @@ def _prepare(variant: str, ckpt: Path, work: Path, image: np.ndarray):
 
         def run():
             with torch.inference_mode():
-                return compiled(x)
+                return compiled(_encoder_input(sam, image))
 
         return run, "f32", "inductor; the warm-up compiles"
     if variant.startswith("ort-"):
@@ -157,10 +156,10 @@ def _prepare(variant: str, ckpt: Path, work: Path, image: np.ndarray):
         options = ort.SessionOptions()
         options.enable_mem_pattern = False  # with it, the second call allocates ~3 GB more
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x.numpy()}
+        name = session.get_inputs()[0].name
 
         def run():
-            return torch.from_numpy(session.run(None, feed)[0])
+            return torch.from_numpy(session.run(None, {name: _encoder_input(sam, image).numpy()})[0])
 
         return run, "int8 (dynamic)" if variant == "ort-int8" else "fp32", "memory pattern off"
     if variant.startswith("ov-"):
@@ -175,7 +174,7 @@ def _prepare(variant: str, ckpt: Path, work: Path, image: np.ndarray):
         precision = hint.to_string() if hasattr(hint, "to_string") else str(hint)
 
         def run():
-            return torch.from_numpy(request.infer({0: x.numpy()})[0].copy())
+            return torch.from_numpy(request.infer({0: _encoder_input(sam, image).numpy()})[0].copy())
 
         return run, precision, "converted from the torch model, no kit code"
     raise SystemExit(f"unknown variant {variant}")
@@ -186,7 +185,7 @@ def _onnx_file(encoder, x: torch.Tensor, work: Path, int8: bool) -> Path:
     if not fp32.exists():
         with torch.no_grad():
             torch.onnx.export(encoder, (x,), str(fp32), input_names=["x"], output_names=["features"],
-                              opset_version=18, external_data=False)
+                              opset_version=18, external_data=False, dynamo=False)  # no onnxscript needed
     if not int8:
         return fp32
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -330,7 +329,7 @@ def _predict_line(ckpt: Path, repeats: int) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per variant (median reported)")
     parser.add_argument("--size", type=int, default=512, help="side of the square test slice")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of: " + ", ".join(VARIANTS))
     parser.add_argument("--out", metavar="MD", help="also write the report to this markdown file")
@@ -378,7 +377,8 @@ def main(argv=None) -> int:
         f"Load average (1, 5, 15 min) before: {load_before}; after: {_load()}. A load above the core count "
         "means other work shared the CPU: the seconds are noisy, compare ratios within this run.",
         "",
-        f"Random ViT-B, one {args.size}x{args.size} slice through SAM's preprocessing; seconds are the median of "
+        f"Random ViT-B, one {args.size}x{args.size} slice through SAM's preprocessing; every timed run takes the uint8 slice to the "
+        "embedding (resize, normalise, pad, encoder), the runtimes' rows too; seconds are the median of "
         f"{args.repeats} runs after a warm-up, each variant in a fresh process; x plain = plain / variant; "
         "max abs diff and cosine compare the 1x256x64x64 embedding with plain's; peak RSS covers load and all runs; "
         "start = seconds from nothing to ready (model load, conversion or cache load).",
