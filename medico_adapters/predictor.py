@@ -21,31 +21,32 @@ decided per machine by ``choose_backend`` (``Predictor(backend="auto"|"torch"|"o
 Both live in ``medico_adapters/accel/medico_sam_accel.py``, the self-contained file the patched
 tools get a copy of, so each speed-up exists once.
 
-Why these choices (``benchmarks/bench_predictor.py``, random ViT-B, one 512x512 slice, on a 2-core
-Xeon (Sapphire Rapids: AVX512-BF16 and AMX) shared with other work, so single figures are noisy;
-benchmarks/RESULTS.md has the full table of one run, whose load fell while it ran, which flatters
-the later rows). Seconds per embedding, best of 3:
+Why these choices (``benchmarks/bench_predictor.py``, random ViT-B, one 512x512 slice from uint8 to
+embedding, on a 2-core Xeon (Sapphire Rapids: AVX512-BF16 and AMX) shared with other work, so
+single figures move by 10-20 %; benchmarks/RESULTS.md is one run, median of 5). Seconds per
+embedding:
 
-* Fast mode, native bf16. RESULTS.md: OpenVINO bf16 1.54 s (plain OpenVINO, last rows, quietest)
-  and 4.12 s (kit, loaded from the cache), torch bf16 2.83 s (autocast) and 3.88 s (bf16
-  weights); plain 22.5 s. Interleaved in one process (kit predictors only): OpenVINO bf16 2.55 s,
-  torch autocast bf16 3.77 s. Under heavy load, separate processes: OpenVINO bf16 10.1 s, torch
-  bf16 weights 22.7 s, autocast 27.8 s. Torch's own bf16 was not as fast in any side-by-side
-  measurement, so ``auto`` uses OpenVINO; torch bf16 stays the fast mode without OpenVINO.
-  Cosine to plain: 0.999953 (OpenVINO), 0.999972 (autocast), 0.999947 (bf16 weights).
-* Exact mode. RESULTS.md: OpenVINO f32 6.76 s (plain OpenVINO) and 9.63 s (kit), torch SDPA
-  7.64 s, ONNX Runtime fp32 7.69 s, ``torch.compile`` 8.20 s; interleaved: OpenVINO f32 7.19 s,
-  torch SDPA 6.99 s. On this CPU they are level within the noise; on the AMD EPYC of issue 14
+* Fast mode, native bf16. RESULTS.md: kit OpenVINO bf16 2.74 s, plain OpenVINO (default, bf16)
+  2.67 s, torch autocast bf16 3.93 s, torch bf16 weights 3.90 s; plain SAM 12.51 s. Interleaved in
+  one process (kit predictors only, an earlier session): OpenVINO bf16 2.55 s, autocast 3.77 s.
+  Torch's own bf16 was not as fast in any side-by-side measurement, so ``auto`` uses OpenVINO;
+  torch bf16 stays the fast mode without OpenVINO. Cosine to plain: 0.999953 (OpenVINO),
+  0.999972 (autocast), 0.999947 (bf16 weights).
+* Exact mode. RESULTS.md: kit OpenVINO f32 6.08 s (2.06x plain), plain OpenVINO f32 6.36 s, torch
+  SDPA 6.90 s, ONNX Runtime fp32 6.79 s, ``torch.compile`` 7.95 s. Interleaved in one process:
+  OpenVINO f32 6.24 s, torch SDPA 6.60 s. On this CPU they are close; on the AMD EPYC of issue 14
   OpenVINO f32 was 1.3x faster than the SDPA path (2.02x vs 1.56x plain), so ``auto`` uses it.
   Max abs diff to plain: 1.3e-5 (OpenVINO f32), 3.3e-6 (SDPA).
 * No int8: torch's dynamic int8 (the old fast mode) held cosine ~0.9997 and ONNX Runtime's
-  dynamic int8 0.999741, both below the 0.9999 that fast mode promises. On CPUs without native
+  dynamic int8 0.999742, both below the 0.9999 that fast mode promises. On CPUs without native
   bf16, emulated bf16 is slower than f32, so those CPUs run f32 (not measured here: no such CPU).
 * Memory (peak RSS, load plus embeddings): torch 1.4 GiB, OpenVINO bf16 1.9 GiB, OpenVINO f32
-  2.5 GiB (its global blocks hold full attention maps), plain SAM 3.6 GiB, ONNX Runtime 4.4-4.9
-  GiB. OpenVINO misses the 1.5 GB goal; ``backend="torch"`` is the low-memory choice.
-* Start-up: the first start per checkpoint and precision converts and caches (16-18 s here);
-  later starts load the cached compiled model (4.6 s, including reading the checkpoint).
+  2.4 GiB (its global blocks hold full attention maps: +1 GB while it runs; exporting them one
+  head group at a time cut that to +0.4-0.7 GB but ran 11-30 % slower, so it was not adopted),
+  plain SAM 3.6 GiB, ONNX Runtime 4.5-4.8 GiB. OpenVINO misses the 1.5 GB goal;
+  ``backend="torch"`` is the low-memory choice.
+* Start-up: the first start per checkpoint and precision converts and caches (16-20 s here);
+  later starts load the cached compiled model (3.5-4.5 s, including reading the checkpoint).
 
 ``predict`` on a cached embedding does the image-only part of the mask decoder once per embedding
 (dense PE, ``no_mask_embed``, the first block's image projections), runs the rest for one prompt
