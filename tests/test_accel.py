@@ -214,6 +214,25 @@ def test_damaged_cache_entry_is_rebuilt(tiny_image, tmp_path, counted_conversion
         assert rebuilt.cache_file.read_bytes() == whole or build().from_cache, damage
 
 
+@needs_openvino
+def test_a_cache_that_cannot_be_written_costs_a_conversion_not_the_encoder(tiny_image, tmp_path, counted_conversions):
+    blocked = tmp_path / "cache"
+    blocked.write_bytes(b"a file where the cache folder should be")  # read-only media behave alike
+    lines = []
+
+    def build():
+        return accel.openvino_encoder(_vit_b(tiny=True).image_encoder, "f32", cache_dir=blocked, key="k", log=lines.append)
+
+    first = build()
+    assert first.cache_file is None and not first.from_cache
+    assert [line for line in lines if line.startswith("could not cache")] == [lines[-1]]
+    assert str(blocked) in lines[-1]
+    second = build()
+    assert not second.from_cache and len(counted_conversions) == 2
+    assert torch.equal(_embed_with(second, tiny_image), _embed_with(first, tiny_image))
+    assert blocked.read_bytes() == b"a file where the cache folder should be"
+
+
 @pytest.fixture(scope="module")
 def tiny_image() -> torch.Tensor:
     return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
