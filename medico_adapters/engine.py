@@ -74,6 +74,9 @@ class Placement:
     target: Path
     write: Callable[[Path], Path] | None = None
     sha256: str | None = None  # of the staged file, once written
+    #: keys of the folders that did not exist before it was staged (``new_folders``); unpatch
+    #: removes them again, if empty by then.
+    folders: list[str] | None = None
 
 
 @dataclass
@@ -354,14 +357,19 @@ def _replace_op(root: Path, target: Path, tmp: Path, **extra: str) -> dict:
     return {"kind": "replace", "target": path_key(root, target), "tmp": path_key(root, tmp), **extra}
 
 
-def _new_folders(root: Path, rel: str) -> list[str]:
-    """Keys of the folders above ``rel`` that do not exist yet (deepest first): an added file's
-    own folders, which removing the file removes again."""
-    folders, folder = [], (root / rel).parent
-    while folder != root and not folder.exists():
+def new_folders(root: Path, target: Path) -> list[str]:
+    """Keys of the folders above ``target`` that do not exist yet (deepest first): the folders made
+    for an added file or a placed checkpoint, which removing it removes again (if empty by then)."""
+    folders, folder = [], target.parent
+    while folder != root and folder.parent != folder and not folder.exists():
         folders.append(path_key(root, folder))
         folder = folder.parent
     return folders
+
+
+def _remove_dirs(record: dict | None) -> list[dict]:
+    """Ops that remove the folders made for a file, deepest first, each only if empty by then."""
+    return [{"kind": "remove_dir", "target": folder} for folder in (record or {}).get("folders", [])]
 
 
 def _remove_added(root: Path, rel: str, record: dict) -> list[dict]:
@@ -371,7 +379,7 @@ def _remove_added(root: Path, rel: str, record: dict) -> list[dict]:
     ops = [{"kind": "remove", "target": key}]
     if rel.endswith(".py"):
         ops.append({"kind": "remove_bytecode", "target": key})
-    return ops + [{"kind": "remove_dir", "target": folder} for folder in record.get("folders", [])]
+    return ops + _remove_dirs(record)
 
 
 def commit_patch(plan: Plan) -> dict:
@@ -391,8 +399,8 @@ def commit_patch(plan: Plan) -> dict:
         if rel not in files or rebased:
             if original is None:
                 files[rel] = {"original_sha256": None, "created": True}
-                if _new_folders(root, rel):
-                    files[rel]["folders"] = _new_folders(root, rel)
+                if new_folders(root, root / rel):
+                    files[rel]["folders"] = new_folders(root, root / rel)
             else:
                 backup = state / "backup" / rel
                 stage.append((fsio.temp_path(backup), original))
@@ -422,6 +430,10 @@ def commit_patch(plan: Plan) -> dict:
             record = {"entry": placement.entry.name, "preexisting": target.exists()}
             if target.exists():
                 extra["keep_old"] = path_key(root, target.with_name(target.name + ORIG_SUFFIX))
+            else:  # e.g. samm's samm-workspace/, which no release ships
+                folders = placement.folders if placement.folders is not None else new_folders(root, target)
+                if folders:
+                    record["folders"] = folders
         ops.append(_replace_op(root, target, tmp, **extra))
         checkpoints[key] = record
     for target in plan.removals:
@@ -430,6 +442,7 @@ def commit_patch(plan: Plan) -> dict:
         ops.append({"kind": "remove", "target": key})
         if record and record.get("preexisting"):
             ops.append({"kind": "restore", "target": key, "source": path_key(root, target.with_name(target.name + ORIG_SUFFIX))})
+        ops.extend(_remove_dirs(record))
 
     manifest = {
         "tool": plan.tool,
@@ -525,6 +538,7 @@ def commit_unpatch(
         ops.append({"kind": "remove", "target": key})
         if record.get("preexisting"):
             ops.append({"kind": "restore", "target": key, "source": path_key(root, kept)})
+        ops.extend(_remove_dirs(record))
     ops.append({"kind": "remove", "target": path_key(root, state / MANIFEST)})
     ops.append({"kind": "remove", "target": path_key(root, state / "backup")})
     _commit(root, "unpatch", stage, ops, step)

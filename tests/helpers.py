@@ -23,7 +23,17 @@ def copy_fixture(rel: str, dest: Path) -> Path:
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.parts}
+    """Every file's bytes, and every empty folder (as ``rel/``): a folder the kit made and left
+    behind shows up too."""
+    shot = {}
+    for p in sorted(root.rglob("*")):
+        if "__pycache__" in p.parts:
+            continue
+        if p.is_file():
+            shot[str(p.relative_to(root))] = p.read_bytes()
+        elif p.is_dir() and not any(p.iterdir()):
+            shot[str(p.relative_to(root)) + "/"] = b""
+    return shot
 
 
 def transformed(transform, before: str, **kwargs) -> str:

@@ -104,6 +104,8 @@ def _tree_cases(tmp: Path, good: dict) -> dict:
         "symlink-leaving-tree": (["patch", "napari-sam", "--path", str(escaping), "--checkpoint", plain], "outside the tool's tree")
         if escaping else None,
         "checkpoint-not-sam": (["patch", "napari-sam", "--path", str(n3), "--checkpoint", str(tmp / "afile")], "afile"),
+        # samm ships no samm-workspace/: the folder made for the checkpoint must go with it
+        "checkpoint-not-sam-samm": (["patch", "samm", "--path", str(samm), "--checkpoint", str(tmp / "afile")], "afile"),
     }
 
 
@@ -122,6 +124,7 @@ CASE_NAMES = [
     "empty-tree-napari", "empty-tree-samm", "empty-tree-slicer", "unknown-layout", "computed-sam-models",
     "syntax-error", "unpatch-unpatched", "damaged-manifest", "name-without-checkpoint", "duplicate-name",
     "empty-name", "sam2-name-slicer", "prefix-name-samm", "symlink-leaving-tree", "checkpoint-not-sam",
+    "checkpoint-not-sam-samm",
 ]
 
 
