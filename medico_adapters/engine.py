@@ -399,8 +399,9 @@ def commit_patch(plan: Plan) -> dict:
         if rel not in files or rebased:
             if original is None:
                 files[rel] = {"original_sha256": None, "created": True}
-                if new_folders(root, root / rel):
-                    files[rel]["folders"] = new_folders(root, root / rel)
+                folders = new_folders(root, root / rel)
+                if folders:
+                    files[rel]["folders"] = folders
             else:
                 backup = state / "backup" / rel
                 stage.append((fsio.temp_path(backup), original))

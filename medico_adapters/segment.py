@@ -418,11 +418,10 @@ def segment(
         if loaded.is_volume and propagate_masks and shape[0] > 1:
             masks3d, prop = vp.propagate(z, mask, logits, iou_threshold, progress)
             report["propagation"] = prop
+            labels[masks3d] = 1
         else:  # a 2D image, or only the prompted slice of a volume
-            masks3d = np.zeros(shape, dtype=bool)
-            masks3d[z] = mask
-        labels[masks3d] = 1
-        report["voxels"] = int(masks3d.sum())
+            labels[z][mask] = 1
+        report["voxels"] = int(np.count_nonzero(labels))
     write_mask(labels if loaded.is_volume else labels[0], out_path, loaded.geometry)
     if overlay is not None:
         report["overlay"] = _overlay_png(pixels[z], labels[z], overlay)
