@@ -129,13 +129,14 @@ def _tool_options(args) -> dict:
 
 def _accelerate_option(args) -> dict:
     """``--accelerate`` / ``--no-accelerate``: kept in the manifest, so only an explicit flag changes it."""
-    from medico_adapters.adapters.accelerate import TOOLS
+    from medico_adapters.adapters import TOOLS
 
     accelerate = getattr(args, "accelerate", None)
     if accelerate is None:
         return {}
-    if accelerate and args.tool not in TOOLS:
-        raise MedicoError(f"--accelerate: {args.tool} has no SAM model of its own for the kit to accelerate; it works for {', '.join(TOOLS)}")
+    supported = sorted(tool for tool, adapter in TOOLS.items() if adapter.accelerates)
+    if accelerate and args.tool not in supported:
+        raise MedicoError(f"--accelerate: {args.tool} has no SAM model of its own for the kit to accelerate; it works for {', '.join(supported)}")
     return {"accelerate": accelerate}
 
 

@@ -35,8 +35,6 @@ from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 MODULE = "_medico_sam_accel"
 #: what ``status`` lists while the option is on.
 FEATURE = "accelerated (the SAM model's image encoder: OpenVINO f32 or SDPA, same embedding)"
-#: the tools whose adapters support the option (the others refuse it with this list).
-TOOLS = ("napari-sam", "napari-segment-anything", "samm", "slicer-segment-with-sam")
 
 _SAM_MODELS_BUILDER = m.Subscript(
     value=m.Subscript(value=m.Name("SAM_MODELS")),
