@@ -7,6 +7,7 @@ tests the plumbing (formats, keys, shapes, loaders), not accuracy.
 from __future__ import annotations
 
 import io
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def _isolated_home(tmp_path_factory, monkeypatch):
         monkeypatch.setenv(name, str(home / sub))
     monkeypatch.setenv("MEDICO_ADAPTERS_CACHE", str(home / "medico-cache"))
     monkeypatch.setenv("MICROSAM_CACHEDIR", str(home / "microsam-cache"))
-    return home
+    yield home
+    # Tests place 375 MB checkpoints and encoder caches here; keeping one per test filled CI's disk.
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
