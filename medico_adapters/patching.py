@@ -237,15 +237,14 @@ def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
     the temporary files, which the commit moves into place (the caller removes any left over).
     """
     kept, temps, made = [], [], []
-    tmp = None
     try:
         for placement in plan.placements:
             tmp = fsio.temp_path(placement.target)
             engine.record_staging(plan.root, [tmp])
+            temps.append(tmp)  # before writing: a half-written one is removed too
             placement.folders = engine.new_folders(plan.root, placement.target)
             made.extend(placement.folders)
             placement.write(tmp)
-            temps.append(tmp)
             placement.sha256 = engine.sha256_file(tmp)
             record = manifest.get("checkpoints", {}).get(engine.path_key(plan.root, placement.target))
             # compared with the file on disk: a tool may have rewritten a shared file to the same content
@@ -255,8 +254,8 @@ def _materialize_placements(plan: Plan, manifest: dict) -> list[Path]:
             placement.write = None  # already at its staging path
             kept.append(placement)
     except BaseException:
-        for staged in [*temps, tmp] if tmp is not None else temps:  # tmp: the one being written
-            staged.unlink(missing_ok=True)
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
         for key in made:  # deepest first: nothing half-made stays behind
             fsio.remove_empty_dir(engine.key_path(plan.root, key))
         raise
