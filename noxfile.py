@@ -103,8 +103,9 @@ def napari_sam(session: nox.Session, release: str) -> None:
 @nox.session(tags=["integration", "napari-sam"])
 def napari_sam_newest_napari(session: nox.Session) -> None:
     """The newest napari-sam on the newest napari, which needs the layers_change compat transform."""
+    # --upgrade: a napari in the linked base environment (the [demo] extra's 0.5.6) must not satisfy "newest"
     run_integration(
-        session, "napari-sam", ["napari-sam", "napari", "pyqt5"], "integration/test_napari_real.py",
+        session, "napari-sam", ["--upgrade", "napari-sam", "napari", "pyqt5"], "integration/test_napari_real.py",
         env={"QT_QPA_PLATFORM": "offscreen"},
     )
     versions = session.run(
@@ -150,6 +151,9 @@ def napari_sam_gui(session: nox.Session, napari_sam: str, requirements: list[str
     if demo:
         session.run(*launcher, "python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s",
                     "integration/test_demo_real.py::test_demo_saves_the_real_window", env=env, external=bool(launcher))
+        # a label map from `segment --model`, opened as a napari labels layer (issue 21)
+        session.run(*launcher, "python", "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s",
+                    "integration/test_labels_gui.py", env=env, external=bool(launcher))
     versions = session.run(
         "python", "-c", "from importlib.metadata import version as v; print(v('napari-sam'), v('napari'))", silent=True
     ).split()
@@ -210,7 +214,7 @@ def slicer(session: nox.Session) -> None:
 @nox.session(tags=["napari-sam-all"])
 @nox.parametrize("releases", list(NAPARI_SAM_ALL_SHARDS.values()), ids=list(NAPARI_SAM_ALL_SHARDS))
 def napari_sam_all_releases(session: nox.Session, releases: str) -> None:
-    """Every napari-sam release from PyPI in one range: patch, re-patch, unpatch."""
+    """Every napari-sam release from PyPI in one range: patch, re-patch, --lazy-embeddings on and off, unpatch."""
     run_integration(
         session, "napari-sam", [], "integration/test_napari_all_releases.py",
         env={"MEDICO_NAPARI_SAM_RELEASES": releases},

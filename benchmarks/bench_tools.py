@@ -22,6 +22,17 @@ of the tools patched by the kit (``plain``: ``patch TOOL``; ``accelerated``: ``p
 * the kit's own ``medico-adapters segment`` on the same volume: the first mask (``--no-propagate``:
   only the clicked slice is embedded) and the whole 3D mask (it embeds the slices the mask reaches).
 
+``--first-mask VARIANT...`` measures only napari-sam's first mask, through its own widget, for
+the patch options that decide it (``eager``: ``patch napari-sam``; ``accelerate``: ``--accelerate
+--no-lazy-embeddings``; ``lazy``: ``--lazy-embeddings``; ``lazy-accelerate``: ``--accelerate``, which
+turns lazy embeddings on; ``lazy-reopened``: ``lazy`` again in a new process, on the store the
+``lazy`` run wrote). Each variant merges its figures into ``--record FILE`` and the table is
+printed (and, with ``--out``, written into its section of the markdown file), so the long eager
+variants can run as commands of their own, with one ``--work-dir`` kept between them::
+
+    python benchmarks/bench_tools.py --first-mask lazy lazy-reopened lazy-accelerate --work-dir W --record W/first-mask.json --out benchmarks/RESULTS-tools.md
+    python benchmarks/bench_tools.py --first-mask eager --work-dir W --record W/first-mask.json --out benchmarks/RESULTS-tools.md
+
 The accelerated variants load the compiled encoder from the cache that a first start fills (its
 conversion time is reported on its own). Embeddings of both variants are compared (max abs diff),
 and the clicked masks too. Weights are a random ViT-B (fixed seed, random relative-position
@@ -55,6 +66,22 @@ from medico_adapters import phantom  # noqa: E402
 from medico_adapters.accel import medico_sam_accel as accel  # noqa: E402
 
 VARIANTS = ("plain", "accelerated")
+#: --first-mask variants: the patch options each one is, and the tree (and store) it runs on.
+FIRST_MASK = {
+    "eager": {"lazy_embeddings": False},
+    "accelerate": {"accelerate": True, "lazy_embeddings": False},
+    "lazy": {"lazy_embeddings": True},
+    "lazy-reopened": {"lazy_embeddings": True},
+    "lazy-accelerate": {"accelerate": True},
+}
+FIRST_MASK_TREE = {"lazy-reopened": "lazy"}
+#: whose clicked mask each variant must equal: the eager tool with the same encoder (OpenVINO f32
+#: and torch agree within float rounding, which may move a pixel at the threshold).
+SAME_AS = {"lazy": "eager", "lazy-reopened": "eager", "lazy-accelerate": "accelerate", "accelerate": "eager"}
+#: the lines around the first-mask section of the markdown report (--out replaces what is between).
+SECTION = ("<!-- first-mask: written by bench_tools.py --first-mask -->", "<!-- /first-mask -->")
+#: background slices a lazy run lets the fill embed after the first mask, for a per-slice time.
+FILL_SAMPLES = 2
 TOOLS = ("napari-sam", "samm", "slicer-segment-with-sam")
 SOFT_TISSUE = phantom.WINDOWS["soft_tissue"]
 
@@ -89,7 +116,9 @@ def _encoder_kind(model) -> str:
 
 
 # -- the children: one tool and variant each ---------------------------------------------------
-def _child_napari(tree: Path, work: Path, variant: str, load_only: bool) -> dict:
+def _napari_widget(tree: Path, work: Path):
+    """A headless viewer with the volume and a labels layer, and the tree's widget with MedicoSAM
+    loaded through its own ``_load_model``: (viewer, widget, seconds the load took)."""
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import napari
 
@@ -105,7 +134,11 @@ def _child_napari(tree: Path, work: Path, variant: str, load_only: bool) -> dict
     combo.setCurrentIndex(next(i for i in range(combo.count()) if combo.itemText(i).startswith("MedicoSAM")))
     started = time.perf_counter()
     widget._load_model()
-    load_s = time.perf_counter() - started
+    return viewer, widget, time.perf_counter() - started
+
+
+def _child_napari(tree: Path, work: Path, variant: str, load_only: bool) -> dict:
+    viewer, widget, load_s = _napari_widget(tree, work)
     result = {"load_s": load_s, "encoder": _encoder_kind(widget.sam_model)}
     if load_only:
         return result
@@ -187,9 +220,182 @@ def _child_slicer(tree: Path, work: Path, variant: str, slices: list[int]) -> di
     return {"load_s": load_s, "encoder": _encoder_kind(widget.sam.model), "embed_times": times}
 
 
+def _child_first_mask(tree: Path, work: Path, variant: str) -> dict:
+    """Load MedicoSAM, activate on the volume, click the lesion: the tool's own code, timed.
+
+    Every ``SamPredictor.set_image`` in the process is timed (the lazy sequence embeds through the
+    class's method on its own copy of the predictor), with the thread that called it.
+    """
+    import hashlib
+    import threading
+
+    from segment_anything import SamPredictor
+
+    embeds: list[tuple[str, float, float]] = []
+    set_image = SamPredictor.set_image
+
+    def timed(self, *args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return set_image(self, *args, **kwargs)
+        finally:
+            embeds.append((threading.current_thread().name, started, time.perf_counter()))
+
+    SamPredictor.set_image = timed
+    viewer, widget, load_s = _napari_widget(tree, work)
+    widget.cb_image_layers.setCurrentText("ct")
+    widget.cb_label_layers.setCurrentText("mask")
+    started = time.perf_counter()
+    widget._activate()
+    activate_s = time.perf_counter() - started
+    z, y, x = json.loads((work / "click.json").read_text())
+    viewer.dims.set_point(0, z)
+    started = time.perf_counter()
+    widget.do_point_click(np.array([z, y, x]), True)
+    mask_at = time.perf_counter()
+    click_s = mask_at - started
+    before = [e for e in embeds if e[2] <= mask_at]
+    features = widget.sam_features
+    lazy = type(features).__name__ == "LazySlices"
+    result = {
+        "variant": variant, "encoder": _encoder_kind(widget.sam_model), "lazy": lazy,
+        "load_s": load_s, "activate_s": activate_s, "click_s": click_s, "first_mask_s": load_s + activate_s + click_s,
+        "embedded_before_mask": len(before), "embedding_before_mask_s": sum(end - start for _, start, end in before),
+        "mask_sha256": hashlib.sha256(np.ascontiguousarray(viewer.layers["mask"].data[z]).tobytes()).hexdigest(),
+        "mask_pixels": int(np.count_nonzero(viewer.layers["mask"].data[z])), "slice": z,
+    }
+    if lazy:
+        result["stored_before_mask"] = features.stats["stored"]
+        if result["embedded_before_mask"]:  # let the fill embed a few slices alone, for a per-slice time
+            deadline = time.monotonic() + 600
+            while features.stats["computed"] < 1 + FILL_SAMPLES and features.filling and time.monotonic() < deadline:
+                time.sleep(0.2)
+        features.close()
+        features.join(600)
+    result["embed_times"] = [end - start for _, start, end in embeds]
+    viewer.close()
+    return result
+
+
+def _first_mask_runs(args, variants: list[str]) -> dict:
+    """Run each variant in its own process on its own patched copy; merge into the record."""
+    from medico_adapters import patching
+    from medico_adapters.adapters import get_adapter
+    from medico_adapters.adapters.napari_sam import needs_layers_compat
+
+    work = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    home = work / "home"
+    env = dict(os.environ, HOME=str(home), USERPROFILE=str(home), MEDICO_ADAPTERS_CACHE=str(work / "cache"),
+               QT_QPA_PLATFORM="offscreen", PYTHONDONTWRITEBYTECODE="1")
+    os.environ.update(HOME=str(home), USERPROFILE=str(home), MEDICO_ADAPTERS_CACHE=str(work / "cache"))
+    ckpt = work / "random_vit_b.pth"
+    if not ckpt.exists():
+        torch.save(_random_sam().state_dict(), ckpt)
+    ct = phantom.make_phantom((args.slices, args.size, args.size))
+    np.save(work / "volume.npy", ct.volume)
+    (work / "click.json").write_text(json.dumps(list(ct.landmarks["lesion"])))
+    import napari_sam
+
+    record = json.loads(args.record.read_text()) if args.record and args.record.exists() else {}
+    for variant in variants:
+        name = FIRST_MASK_TREE.get(variant, variant)
+        tree = work / f"first-mask-{name}" / "napari_sam"
+        if not tree.exists():
+            shutil.copytree(Path(napari_sam.__file__).parent, tree, ignore=shutil.ignore_patterns("__pycache__"))
+            options = {"napari_compat": needs_layers_compat(), **FIRST_MASK[name]}
+            patching.patch(get_adapter("napari-sam"), tree, checkpoint=ckpt, options=options)
+        store = work / f"store-{name}"
+        if variant == name:  # a fresh store; the reopened variant reads the one its first run wrote
+            shutil.rmtree(store, ignore_errors=True)
+        child_env = dict(env, MEDICO_EMBEDDING_STORE=str(store))
+        if FIRST_MASK[name].get("accelerate") and not list((work / "cache" / "openvino").glob("*.ov")):
+            _run_child("napari-sam", "accelerated", tree.parent, work, child_env, "--load-only")  # converts, caches
+        result = _run_child("napari-sam", variant, tree.parent, work, child_env, "--first-mask-child")
+        result.update(volume=f"{args.slices} x {args.size} x {args.size}", cpu=_cpu_name(), threads=torch.get_num_threads(),
+                      versions=_versions(), napari_sam=version("napari-sam"), napari=version("napari"),
+                      load_before=_load(), measured=time.strftime("%Y-%m-%d %H:%M"))
+        record[variant] = result
+        if args.record:
+            from medico_adapters import fsio
+
+            fsio.write_text(args.record, json.dumps(record, indent=1))
+    return record
+
+
+def _first_mask_report(record: dict) -> str:
+    order = [v for v in FIRST_MASK if v in record]
+    if not order:
+        return ""
+    any_run = record[order[0]]
+    per_slice = {v: _median(r["embed_times"]) for v, r in record.items() if r["embed_times"]}
+    if "lazy" in per_slice:  # the reopened run's own fill is incidental: the slice time is lazy's
+        per_slice["lazy-reopened"] = per_slice["lazy"]
+    labels = {
+        "eager": "napari-sam as patched (every slice at `_activate`)",
+        "accelerate": "`--accelerate --no-lazy-embeddings` (every slice, faster encoder)",
+        "lazy": "`--lazy-embeddings`",
+        "lazy-reopened": "`--lazy-embeddings`, the volume opened again (the store)",
+        "lazy-accelerate": "`--accelerate` (lazy embeddings on by default)",
+    }
+    rows = []
+    for v in order:
+        r = record[v]
+        one = per_slice.get(v, float("nan"))
+        base = record.get(SAME_AS[v]) if v in SAME_AS else None
+        same = "" if base is None else f"{SAME_AS[v]}: " + (
+            "yes" if r["mask_sha256"] == base["mask_sha256"] else f"**no** ({r['mask_pixels']} / {base['mask_pixels']} px)")
+        stored = r.get("stored_before_mask", 0)
+        rows.append(
+            f"| {labels[v]} | {r['encoder']} | {r['load_s']:.1f} | {r['activate_s']:.1f} | {r['click_s']:.1f} | "
+            f"**{r['first_mask_s']:.1f}** | {r['embedded_before_mask']} ({r['embedding_before_mask_s']:.1f} s) | {stored} | "
+            f"{one:.2f} | {r['first_mask_s'] / one:.2f} | {same} |"
+        )
+    return "\n".join([
+        SECTION[0],
+        "## napari-sam's first mask: eager, `--accelerate`, lazy, lazy + store",
+        "",
+        f"napari-sam {any_run['napari_sam']}, napari {any_run['napari']}, its own widget headless: `_load_model`, "
+        f"`_activate` on the kit's CT-like phantom ({any_run['volume']}, soft-tissue window), one click on the lesion "
+        f"(slice {any_run['slice']}) through `do_point_click`. CPU: {any_run['cpu']}, {any_run['threads']} torch threads; "
+        f"{any_run['versions']}. A random ViT-B stands in for MedicoSAM. Each variant ran in its own process on a copy "
+        "patched with its options (some as separate commands: their load averages differ, see the record).",
+        "",
+        "first mask = load + activate + click. Embedded before the mask: `SamPredictor.set_image` calls that ended "
+        "before the mask was there (and their seconds); from the store: slices read from it by then (the clicked one, "
+        "and any the background fill had read in the meantime). One slice: the median `set_image` time of that "
+        "process (lazy: the clicked slice and the first background ones; the reopened run: lazy's). Same mask as: "
+        "the clicked slice's mask, pixel for pixel, against the eager tool's with the same encoder (`--accelerate` "
+        "against plain: OpenVINO f32 and torch agree within float rounding, which may move a pixel at the threshold).",
+        "",
+        "| variant | encoder | load s | activate s | click s | first mask s | embedded before the mask | from the store | one slice s | first mask / one slice | same mask as |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Measured: " + "; ".join(f"{v} {record[v]['measured']} (load {record[v]['load_before']})" for v in order) + ".",
+        SECTION[1],
+    ])
+
+
+def _write_section(path: Path, section: str) -> None:
+    """Put ``section`` into the markdown file at ``path``, in place of an earlier one."""
+    from medico_adapters import fsio
+
+    text = path.read_text("utf-8") if path.exists() else ""
+    if SECTION[0] in text and SECTION[1] in text:
+        head, rest = text.split(SECTION[0], 1)
+        tail = rest.split(SECTION[1], 1)[1]
+        text = head + section + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    fsio.write_text(path, text)
+
+
 def _child(args) -> None:
     tree, work = Path(args.tree), Path(args.work)
-    if args.child == "napari-sam":
+    if args.first_mask_child:
+        result = _child_first_mask(tree, work, args.variant)
+    elif args.child == "napari-sam":
         result = _child_napari(tree, work, args.variant, args.load_only)
     elif args.child == "samm":
         result = _child_samm(tree, work, args.variant)
@@ -209,7 +415,7 @@ def _run_child(tool: str, variant: str, tree: Path, work: Path, env: dict, *extr
     if proc.returncode != 0 or not found:
         raise SystemExit(f"{tool} ({variant}) failed:\n{proc.stderr[-3000:]}")
     result = json.loads(found[-1])
-    result["log"] = [line for line in lines if line.startswith("medico_sam_accel:")]
+    result["log"] = [line for line in lines if line.startswith(("medico_sam_accel:", "medico_lazy_embeddings:"))]
     return result
 
 
@@ -271,6 +477,12 @@ def main(argv=None) -> int:
     parser.add_argument("--samm-cube", type=int, default=4, help="side of the block samm embeds (3 x side slices)")
     parser.add_argument("--slicer-slices", type=int, default=3, help="slices SegmentWithSAM's predictor embeds")
     parser.add_argument("--out", metavar="MD", help="also write the report to this markdown file")
+    parser.add_argument("--first-mask", nargs="*", choices=FIRST_MASK, metavar="VARIANT",
+                        help=f"only napari-sam's first mask, for these variants ({', '.join(FIRST_MASK)}); "
+                             "none: the table from --record")
+    parser.add_argument("--record", type=Path, help="--first-mask: a JSON file each variant's figures are merged into")
+    parser.add_argument("--work-dir", type=Path, help="--first-mask: a folder kept between runs (trees, checkpoint, stores)")
+    parser.add_argument("--first-mask-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--tree", help=argparse.SUPPRESS)
@@ -280,6 +492,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
+        return 0
+    if args.first_mask is not None:
+        if args.work_dir is None:
+            args.work_dir = Path(tempfile.mkdtemp(prefix="bench-first-mask-"))
+        if "lazy-reopened" in args.first_mask and "lazy" not in args.first_mask \
+                and not (args.work_dir / "store-lazy").is_dir():
+            parser.error("lazy-reopened reads the store a lazy run wrote: run lazy first (same --work-dir)")
+        report = _first_mask_report(_first_mask_runs(args, args.first_mask))
+        print(report)
+        if args.out:
+            _write_section(Path(args.out), report)
         return 0
 
     load_before = _load()
@@ -308,7 +531,7 @@ def main(argv=None) -> int:
 
         from medico_adapters.adapters.napari_sam import needs_layers_compat
 
-        napari_options = {"napari_compat": needs_layers_compat()}
+        napari_options = {"napari_compat": needs_layers_compat(), "lazy_embeddings": False}  # every slice at activation
         trees = {v: _patched_copy("napari-sam", Path(napari_sam.__file__).parent, work / f"napari-{v}" / "napari_sam",
                                   v == "accelerated", ckpt, napari_options) for v in VARIANTS}
         # the first start converts the encoder and caches it; every later start (all three tools:

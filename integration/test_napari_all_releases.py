@@ -1,4 +1,5 @@
-"""Every napari-sam release on PyPI: patched, idempotent, reverted byte for byte.
+"""Every napari-sam release on PyPI: patched, idempotent, reverted byte for byte; and with
+``--lazy-embeddings`` turned on, listed, turned off and reverted the same way.
 
 Needs PyPI (the wheels are downloaded into a temporary folder); the widget itself is exercised
 for one release per layout by test_napari_real.py. ``MEDICO_NAPARI_SAM_RELEASES`` (a version
@@ -15,9 +16,12 @@ from pathlib import Path
 
 import pytest
 from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 from medico_adapters import patching
+from medico_adapters.adapters import lazy_embeddings
 from medico_adapters.adapters.napari_sam import ADAPTER
+from medico_adapters.engine import STATE_DIR
 from medico_adapters.patchgen import releases
 from tests.helpers import snapshot
 
@@ -39,8 +43,17 @@ def wheels(tmp_path_factory):
     return {v: next((folder / v).glob("*.whl")) for v in versions}
 
 
+def _outside_state(root: Path) -> dict[str, bytes]:
+    return {k: v for k, v in snapshot(root).items() if not k.startswith(STATE_DIR)}
+
+
+def _packages(root: Path) -> list[str]:
+    return [p.name for p in root.iterdir() if (p / "_widget.py").is_file()]
+
+
 def test_every_release(wheels, tmp_path, checkpoints):
     layouts = {}
+    lazies: dict[str, list[str]] = {lazy_embeddings.FEATURE: [], lazy_embeddings.STORE_FEATURE: []}
     for version, wheel in wheels.items():
         root = tmp_path / version
         zipfile.ZipFile(wheel).extractall(root)
@@ -49,11 +62,25 @@ def test_every_release(wheels, tmp_path, checkpoints):
         assert result.changed, version
         assert patching.patch(ADAPTER, root).changed == [], version
         assert patching.status(ADAPTER, root)["patched"], version
+        plain = _outside_state(root)
+
+        lazy = patching.patch(ADAPTER, root, options={"lazy_embeddings": True})
+        assert {f"{p}/_widget.py" for p in _packages(root)} <= set(lazy.changed), version
+        assert patching.patch(ADAPTER, root).changed == [], version
+        features = patching.status(ADAPTER, root)["features"]
+        # 0.3.0 on embed whole volumes: lazily now; the earlier ones embed one 2D image, through the store
+        feature = lazy_embeddings.FEATURE if Version(version) >= Version("0.3") else lazy_embeddings.STORE_FEATURE
+        assert feature in features, (version, features)
+        lazies[feature].append(version)
+        patching.patch(ADAPTER, root, options={"lazy_embeddings": False})
+        assert _outside_state(root) == plain, version
         patching.unpatch(ADAPTER, root)
         assert snapshot(root) == before, version
         layouts.setdefault(result.layout, []).append(version)
     summary = ", ".join(f"{k}: {len(v)} ({v[0]}..{v[-1]})" for k, v in sorted(layouts.items()))
     print(f"\n{len(wheels)} napari-sam releases {SELECTED or ''} patched, idempotent and reverted: {summary}")
+    print(f"--lazy-embeddings: lazy slices in {len(lazies[lazy_embeddings.FEATURE])}, "
+          f"one image through the store in {len(lazies[lazy_embeddings.STORE_FEATURE])}")
     assert len(SHIPPED) >= 49
     assert set(SELECTED.filter(SHIPPED)) <= set(wheels)
     assert wheels

@@ -14,6 +14,7 @@ import importlib.util
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,6 +64,27 @@ def _kit(*args: str, home: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+@pytest.fixture(scope="module")
+def _module_home(tmp_path_factory):
+    """One home for this module's windows: napari builds its icon theme under the home it sees when
+    first imported, and every later window of the process looks for the icons there."""
+    from tests.conftest import HOME_VARIABLES
+
+    home = tmp_path_factory.mktemp("gui-home")
+    with pytest.MonkeyPatch.context() as mp:
+        for name, sub in HOME_VARIABLES.items():
+            mp.setenv(name, str(home / sub))
+        mp.setenv("MEDICO_ADAPTERS_CACHE", str(home / "medico-cache"))
+        yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def _isolated_home(_module_home):
+    """The unit suite's per-test home, made this module's one home (see ``_module_home``)."""
+    return _module_home
+
+
 @pytest.fixture
 def shots(tmp_path):
     folder = Path(os.environ.get("MEDICO_GUI_SHOTS") or tmp_path / "shots")
@@ -83,28 +105,57 @@ def training_checkpoint(tmp_path, vit_b_state):
     return path
 
 
-@pytest.fixture
-def patched_napari_sam(training_checkpoint, _isolated_home):
+def _forget_imported_widget() -> None:
+    """An earlier test docked napari-sam as it was patched then: napari's plugin manager (npe2)
+    keeps the widget class it imported, and Python the module. Forget both, so that the Plugins
+    menu's call imports the file as this test patched it."""
+    for name in [n for n in sys.modules if n.split(".")[0] == "napari_sam"]:
+        del sys.modules[name]
+    if "npe2" in sys.modules:
+        from npe2 import PluginManager
+
+        for command in PluginManager.instance().commands._commands.values():
+            if str(getattr(command, "python_name", "") or "").startswith("napari_sam"):
+                command.function = None
+
+
+def _patched(checkpoint: Path, home: Path, *options: str):
     """The installed napari-sam patched through the kit's CLI; restored byte for byte afterwards."""
     widget = Path(list(importlib.util.find_spec("napari_sam").submodule_search_locations)[0]) / "_widget.py"
     upstream = widget.read_bytes()
-    result = _kit("patch", "napari-sam", "--checkpoint", str(training_checkpoint), home=_isolated_home)
+    result = _kit("patch", "napari-sam", "--checkpoint", str(checkpoint), *options, home=home)
+    _forget_imported_widget()
     try:
         yield result
     finally:
-        _kit("unpatch", "napari-sam", home=_isolated_home)
+        _kit("unpatch", "napari-sam", home=home)
         assert widget.read_bytes() == upstream
+        assert not list(widget.parent.glob("_medico_*.py"))
+
+
+@pytest.fixture
+def patched_napari_sam(training_checkpoint, _isolated_home):
+    yield from _patched(training_checkpoint, _isolated_home)
+
+
+@pytest.fixture
+def lazy_napari_sam(training_checkpoint, _isolated_home):
+    yield from _patched(training_checkpoint, _isolated_home, "--lazy-embeddings")
 
 
 def _settle(seconds: float = 0.3) -> None:
     """Let Qt lay out, paint and deliver queued events, as a user's event loop would."""
     import time
 
+    from qtpy.QtCore import QEvent
     from qtpy.QtWidgets import QApplication
 
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         QApplication.processEvents()
+        # a running event loop deletes what deleteLater() marked (napari-sam's progress bar);
+        # processEvents alone, outside one, never does
+        QApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         time.sleep(0.01)
 
 
@@ -144,6 +195,26 @@ def _expected_mask(widget, z: int, yx: tuple[int, int]) -> np.ndarray:
     return masks[0]
 
 
+def _dock_medicosam(viewer, patched: dict, shots: Path, prefix: str = "0"):
+    """Dock napari-sam from the Plugins menu's call, pick MedicoSAM and load it with its own button."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")  # Plugins menu's call
+    widget_file = Path(sys.modules[type(widget).__module__].__file__).resolve()
+    assert widget_file.is_relative_to(Path(patched["path"]).resolve()), widget_file
+    _screenshot(viewer, shots, f"{prefix}2-plugin-docked")
+    combo = widget.cb_model_type
+    items = [combo.itemText(i) for i in range(combo.count())]
+    assert "MedicoSAM (Cached)" in items, items
+    combo.setCurrentIndex(items.index("MedicoSAM (Cached)"))
+    assert widget.btn_load_model.text() == "Load model"  # the widget's own handler saw a cached file
+    _screenshot(viewer, shots, f"{prefix}3-medicosam-selected")
+    QTest.mouseClick(widget.btn_load_model, Qt.MouseButton.LeftButton)
+    assert combo.currentText() == "MedicoSAM (Loaded)"
+    return widget
+
+
 def test_patched_napari_sam_in_a_real_window(patched_napari_sam, shots, vit_b_state):
     # Linux torch wheels bring triton, whose bundled LLVM segfaults when it loads after Mesa's LLVM
     # (which a shown OpenGL window loads); torchvision loads it. napari-sam imports both only when its
@@ -173,20 +244,7 @@ def test_patched_napari_sam_in_a_real_window(patched_napari_sam, shots, vit_b_st
         viewer.dims.set_current_step(0, clicks[0][0])
         _screenshot(viewer, shots, "01-volume")
 
-        _, widget = viewer.window.add_plugin_dock_widget("napari-sam", "Segment Anything")  # Plugins menu's call
-        widget_file = Path(sys.modules[type(widget).__module__].__file__).resolve()
-        assert widget_file.is_relative_to(Path(patched_napari_sam["path"]).resolve()), widget_file
-        _screenshot(viewer, shots, "02-plugin-docked")
-
-        combo = widget.cb_model_type
-        items = [combo.itemText(i) for i in range(combo.count())]
-        assert "MedicoSAM (Cached)" in items, items
-        combo.setCurrentIndex(items.index("MedicoSAM (Cached)"))
-        assert widget.btn_load_model.text() == "Load model"  # the widget's own handler saw a cached file
-        _screenshot(viewer, shots, "03-medicosam-selected")
-
-        QTest.mouseClick(widget.btn_load_model, Qt.MouseButton.LeftButton)
-        assert combo.currentText() == "MedicoSAM (Loaded)"
+        widget = _dock_medicosam(viewer, patched_napari_sam, shots)
         loaded = widget.sam_model.state_dict()
         assert loaded.keys() == vit_b_state.keys()
         for key, value in loaded.items():
@@ -214,3 +272,67 @@ def test_patched_napari_sam_in_a_real_window(patched_napari_sam, shots, vit_b_st
     finally:
         viewer.close()
         _settle()
+
+
+#: a fresh 64-slice volume: eager napari-sam embeds all 64 (~10 min here) before the first click.
+LAZY_SHAPE = (64, 128, 128)
+LAZY_SLICE = 40
+
+
+def test_lazy_napari_sam_masks_slice_40_while_the_rest_embeds(lazy_napari_sam, shots):
+    """``--lazy-embeddings``: activating embeds nothing; a click on slice 40 right after it embeds
+    that slice and shows its mask, while the background fill embeds the rest and the window stays
+    responsive; closing the window stops the fill."""
+    import time
+
+    import napari
+    import segment_anything  # noqa: F401
+    import torchvision  # noqa: F401
+    from qtpy.QtCore import Qt
+    from qtpy.QtTest import QTest
+
+    assert sorted(lazy_napari_sam["changed"]) == ["_medico_embedding_store.py", "_medico_lazy_embeddings.py", "_widget.py"]
+    ph = phantom.make_phantom(LAZY_SHAPE)
+    yx = ph.landmarks["liver"][1:]
+    viewer = napari.Viewer(title="medico-adapters: napari-sam --lazy-embeddings", show=True)
+    features = None
+    try:
+        viewer.window.resize(*WINDOW_SIZE)
+        width, level = phantom.WINDOWS["soft_tissue"]
+        image = viewer.add_image(ph.volume, name="CT phantom, 64 slices", colormap="gray",
+                                 contrast_limits=(level - width / 2, level + width / 2))
+        labels = viewer.add_labels(np.zeros(ph.volume.shape, dtype=np.int32), name="mask")
+        _screenshot(viewer, shots, "lazy-01-volume")
+        widget = _dock_medicosam(viewer, lazy_napari_sam, shots, prefix="lazy-0")
+
+        widget.cb_image_layers.setCurrentText(image.name)
+        widget.cb_label_layers.setCurrentText(labels.name)
+        started = time.perf_counter()
+        QTest.mouseClick(widget.btn_activate, Qt.MouseButton.LeftButton)
+        activate_s = time.perf_counter() - started
+        features = widget.sam_features
+        assert widget.is_active and type(features).__name__ == "LazySlices" and features.ready == 0
+        _screenshot(viewer, shots, "lazy-04-activated")
+
+        viewer.dims.set_current_step(0, LAZY_SLICE)
+        _settle()
+        started = time.perf_counter()
+        _middle_click(viewer, yx)
+        click_s = time.perf_counter() - started
+        mask = np.asarray(labels.data) > 0
+        assert [list(map(int, p)) for p in widget.points[labels.selected_label]] == [[LAZY_SLICE, *yx]]
+        assert [bool(m.any()) for m in mask] == [z == LAZY_SLICE for z in range(len(mask))]
+        assert np.array_equal(mask[LAZY_SLICE], _expected_mask(widget, LAZY_SLICE, yx))
+        assert features.filling and features.ready < len(mask)  # the others are still being embedded
+        _screenshot(viewer, shots, f"lazy-05-slice-{LAZY_SLICE}-masked-while-the-rest-embeds")
+
+        started = time.perf_counter()
+        _settle(2.0)  # the event loop runs while the fill works
+        settle_s = time.perf_counter() - started
+        _screenshot(viewer, shots, "lazy-06-still-filling")
+        print(f"\nlazy: activate {activate_s:.2f} s, click to mask {click_s:.1f} s, {features.ready}/{len(mask)} "
+              f"slices embedded so far; 2 s of event loop took {settle_s:.1f} s")
+    finally:
+        viewer.close()
+        _settle()
+    assert features is None or features.join(180)  # the widget went: the fill stopped

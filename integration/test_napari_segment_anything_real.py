@@ -70,3 +70,46 @@ def test_widget_loads_medicosam_and_segments_a_click(tmp_path, checkpoints, vit_
 
     patching.unpatch(ADAPTER, root)
     assert {k: v for k, v in snapshot(root).items() if "__pycache__" not in k} == before
+
+
+def test_lazy_embeddings_serve_an_image_embedded_before(tmp_path, checkpoints, _isolated_home):
+    """``--lazy-embeddings``: the plugin embeds one 2D image at a time; the store gives it back
+    without the encoder when the user returns to an image, with the same features and mask."""
+    from medico_adapters.adapters import lazy_embeddings
+
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    root = _package_copy(tmp_path)
+    before = snapshot(root)
+    patching.patch(ADAPTER, root, checkpoint=checkpoints["plain"],
+                   options={"napari_compat": needs_labels_compat(), "lazy_embeddings": True})
+    assert lazy_embeddings.STORE_FEATURE in patching.status(ADAPTER, root)["features"]
+    widget_module = import_fresh(root, "napari_segment_anything._widget")
+    from qtpy.QtWidgets import QApplication
+
+    app = QApplication.instance() or QApplication([])
+    viewer = napari.components.ViewerModel()
+    ph = phantom.make_phantom()
+    ct = viewer.add_image(phantom.window(ph.volume[ph.middle]), name="ct")
+    other = viewer.add_image(phantom.window(ph.volume[ph.middle - 6]), name="other slice")
+    widget = widget_module.SAMWidget(viewer, model_type="MedicoSAM")
+    calls = []
+    forward = widget._sam.image_encoder.forward
+    widget._sam.image_encoder.forward = lambda x: calls.append(1) or forward(x)
+    widget._im_layer_widget.choices = (ct, other)
+
+    _, y, x = ph.landmarks["lesion"]
+    results = []
+    for layer in (ct, other, ct):  # back to the first image: the store's
+        widget._im_layer_widget.value = layer
+        features = widget._predictor.features.clone()
+        widget._logits = None  # each image's first click, as after the plugin's own cancel
+        if not len(widget._pts_layer.data):
+            widget._pts_layer.add(np.array([[y, x]], dtype=float))
+        else:
+            widget._on_interactive_run()
+        results.append((len(calls), features, np.asarray(widget._mask_layer.data).copy()))
+    assert [n for n, _, _ in results] == [1, 2, 2]
+    assert torch.equal(results[2][1], results[0][1]) and np.array_equal(results[2][2], results[0][2])
+    app.processEvents()
+    patching.unpatch(ADAPTER, root)
+    assert {k: v for k, v in snapshot(root).items() if "__pycache__" not in k} == before

@@ -10,6 +10,8 @@ Every test works on its own tmp copy of the checkout.
   ``sammProcessingCallBack`` and queues the late job on ``SamServer.cacheExec`` exactly as
   ``SamServer.looping`` does (no socket is opened). slicer/qt/vtk/ctk get light stand-in modules;
   zmq, cv2, matplotlib, tqdm, segment_anything and mobile_sam are the real packages.
+* ``--lazy-embeddings`` (legacy): the real ``CalculateEmbeddings``, driven the same way, fills the
+  kit's embedding store, and the same volume sent again makes no encoder call (it raises).
 * samm-server (>= 1.2): the real ``samm_server.model_preparer.ModelPreparer`` prepares
   ``medicosam_vit_b`` with the real ``sam1`` backend on CPU, and ``/models``' payload lists it available.
 """
@@ -17,6 +19,7 @@ Every test works on its own tmp copy of the checkout.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -30,7 +33,7 @@ import numpy as np
 import pytest
 import torch
 
-from medico_adapters.adapters import samm
+from medico_adapters.adapters import embedding_store, samm
 from medico_adapters.engine import Tree
 from medico_adapters.errors import LayoutError
 from medico_adapters.patching import patch, status, unpatch
@@ -53,6 +56,7 @@ needs_legacy = pytest.mark.skipif(LAYOUT not in ("S2", "S3", "S4"), reason=f"leg
 needs_server = pytest.mark.skipif(LAYOUT != "samm-server", reason=f"samm-server >= 1.2 only (this checkout: {LAYOUT})")
 
 SERVER_MODULES = ("sam_server", "utl_sam_server", "utl_sam_msg", "utl_latencylogger")
+STORE_MODULE = embedding_store.MODULE
 VOLUME = (8, 8, 8)  # a constant cube: all 24 slices (R+G+Y) give the encoder the same 1024x1024 input
 
 
@@ -169,21 +173,16 @@ class _Loopback:
             self.server.cacheExec.pop(0)()
 
 
-@pytest.fixture(scope="module")
-def legacy(tmp_path_factory, ckpt):
-    path, state = ckpt
-    root = _copy(tmp_path_factory.mktemp("legacy"))
-    assert patch(samm.ADAPTER, root, checkpoint=path).layout == LAYOUT
-    workspace = root / samm.WORKSPACE
-    other = {k: (v + 1 if v.is_floating_point() else v) for k, v in state.items()}
-    torch.save(other, workspace / "sam_vit_b_01ec64.pth")  # upstream's vit_b file, to switch away and back
+@contextlib.contextmanager
+def _serving(root: Path):
+    """The patched checkout's real server and Slicer side, imported fresh, and forgotten afterwards."""
     before = set(sys.modules)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.cuda, "is_available", lambda: False)
         mp.setattr(torch.backends.mps, "is_available", lambda: False)
         for name, module in _slicer_stand_ins().items():
             mp.setitem(sys.modules, name, module)
-        for name in (*SERVER_MODULES, "SammBaseLib"):
+        for name in (*SERVER_MODULES, "SammBaseLib", STORE_MODULE):
             mp.delitem(sys.modules, name, raising=False)
         mp.syspath_prepend(str(root / "samm-python-terminal"))
         mp.syspath_prepend(str(root / "samm" / "SammBase"))
@@ -202,13 +201,26 @@ def legacy(tmp_path_factory, ckpt):
             logic = logic_module.SammBaseLogic()
             logic._connections = conn
             yield types.SimpleNamespace(
-                root=root, state=state, other=other, srv=srv, node=srv.dataNode, loop=loop, conn=conn,
-                logic=logic, factory=factory, server_msg=server_msg,
+                root=root, srv=srv, node=srv.dataNode, loop=loop, conn=conn, logic=logic, factory=factory,
+                server_msg=server_msg,
             )
         finally:
             for name in set(sys.modules) - before:
-                if name.split(".")[0] in (*SERVER_MODULES, "SammBaseLib", "mobile_sam"):
+                if name.split(".")[0] in (*SERVER_MODULES, "SammBaseLib", "mobile_sam", STORE_MODULE):
                     sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory, ckpt):
+    path, state = ckpt
+    root = _copy(tmp_path_factory.mktemp("legacy"))
+    assert patch(samm.ADAPTER, root, checkpoint=path).layout == LAYOUT
+    workspace = root / samm.WORKSPACE
+    other = {k: (v + 1 if v.is_floating_point() else v) for k, v in state.items()}
+    torch.save(other, workspace / "sam_vit_b_01ec64.pth")  # upstream's vit_b file, to switch away and back
+    with _serving(root) as served:
+        served.state, served.other = state, other
+        yield served
 
 
 @needs_legacy
@@ -303,6 +315,57 @@ def test_legacy_embeddings_and_point_inference(legacy, request):
     assert mask.size == g * y and set(np.unique(mask)) <= {0, 1}
 
 
+def _calculate_and_click(served, volume: np.ndarray) -> tuple[dict, np.ndarray]:
+    """Slicer's message sequence for a volume (size, slices, CALCULATE_EMBEDDINGS), then one click."""
+    conn, types_, node = served.conn, served.factory.SammMsgType, served.node
+    r, g, y = volume.shape
+    conn.pushRequest(types_.SET_IMAGE_SIZE, {"r": r, "g": g, "y": y})
+    for i in range(r):
+        conn.pushRequest(types_.SET_NTH_IMAGE, {"n": i, "N": {"R": r, "G": g, "Y": y}, "image": volume[i]})
+    conn.pushRequest(types_.CALCULATE_EMBEDDINGS, {"saveToLocal": 0, "loadLocal": 0})
+    served.loop.run_late()  # CalculateEmbeddings
+    features = {v: [f.clone() for f in node.features[v]] for v in "RGY"}
+    mask = conn.pushRequest(types_.INFERENCE, {
+        "n": r // 2, "view": "R", "bbox2D": np.array([-404, -404, -404, -404]),
+        "positivePrompts": np.array([[g // 2, y // 2]]), "negativePrompts": np.array([]),
+    })
+    return features, np.frombuffer(mask, dtype=np.uint8).copy()
+
+
+@needs_legacy
+def test_legacy_calculate_embeddings_twice_runs_the_encoder_once_per_slice(tmp_path, ckpt, monkeypatch):
+    """patch --lazy-embeddings: the real CalculateEmbeddings fills the kit's store, and the same
+    volume sent again is embedded without the encoder (it raises), with the same features and mask."""
+    path, state = ckpt
+    root = _copy(tmp_path)
+    before = _snapshot(root)
+    patch(samm.ADAPTER, root, checkpoint=path, options={"lazy_embeddings": True})
+    assert embedding_store.FEATURE in status(samm.ADAPTER, root)["features"]
+    store = tmp_path / "store"
+    monkeypatch.setenv("MEDICO_EMBEDDING_STORE", str(store))
+    volume = np.random.default_rng(0).integers(0, 256, (2, 2, 2), dtype=np.uint8)  # 6 different slices
+    with _serving(root) as served:
+        placed = Path(importlib.import_module(STORE_MODULE).__file__)
+        assert placed.parent == root / "samm-python-terminal"
+        model = served.node.samPredictor["R"].model
+        assert _same(model, state)
+        encoder, runs = model.image_encoder, []
+        forward = encoder.forward
+        encoder.forward = lambda x: runs.append(1) or forward(x)
+        first, first_mask = _calculate_and_click(served, volume)
+        assert len(runs) == 6 and len(list(store.rglob("*.emb"))) == 6
+
+        def refuse(x):
+            raise AssertionError("the encoder ran for a stored slice")
+
+        encoder.forward = refuse
+        second, second_mask = _calculate_and_click(served, volume)
+        assert all(torch.equal(a, b) for v in "RGY" for a, b in zip(first[v], second[v], strict=True))
+        assert np.array_equal(first_mask, second_mask) and first_mask.size == 2 * 2
+    unpatch(samm.ADAPTER, root)
+    assert _snapshot(root) == before
+
+
 # --- samm-server >= 1.2 ----------------------------------------------------------------------
 
 
@@ -340,3 +403,40 @@ def test_samm_server_prepares_medicosam(tmp_path, ckpt):
     slicer_protocol = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(slicer_protocol)
     assert "medicosam" in slicer_protocol.MODEL_IDS and samm.DEFAULT_NAME in slicer_protocol.WEIGHT_IDS
+
+
+@needs_server
+def test_samm_server_embeds_a_slice_once_across_restarts(tmp_path, ckpt, monkeypatch):
+    """patch --lazy-embeddings: a restarted server (a new ModelPreparer) embeds an image it has
+    embedded before from the store, its encoder made to raise, with the same features and mask."""
+    path, _ = ckpt
+    root = _copy(tmp_path)
+    patch(samm.ADAPTER, root, checkpoint=path, options={"lazy_embeddings": True})
+    monkeypatch.setenv("MEDICO_EMBEDDING_STORE", str(tmp_path / "store"))
+    image = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    point = [[16, 12]]
+    before = set(sys.modules)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root / "service"))
+        try:
+            preparer_module = importlib.import_module("samm_server.model_preparer")
+            results = []
+            for restart in (False, True):
+                preparer = preparer_module.ModelPreparer(root / "checkpoints", "cpu")
+                assert preparer.prepare(samm.DEFAULT_NAME).status_code == 200
+                backend = preparer.backends["sam1"]
+                if restart:
+                    def refuse(x):
+                        raise AssertionError("the encoder ran for a stored image")
+
+                    backend.models[samm.DEFAULT_NAME].image_encoder.forward = refuse
+                payload = preparer.embed(image.tobytes(), list(image.shape))
+                features = backend.embeddings[payload["embedding_id"]]["predictor"].features
+                mask = preparer.predict(image.tobytes(), list(image.shape), point, [1])
+                results.append((features.detach().cpu().clone(), mask))
+            assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+            assert len(list((tmp_path / "store").rglob("*.emb"))) == 1
+        finally:
+            for name in set(sys.modules) - before:
+                if name.split(".")[0] == "samm_server":
+                    sys.modules.pop(name, None)

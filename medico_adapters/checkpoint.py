@@ -5,7 +5,8 @@ Formats (``CheckpointInfo.format``):
 * ``plain``     -- a SAM ``state_dict`` (what ``segment_anything.build_sam_*`` expects);
 * ``prefixed``  -- a state dict whose keys carry ``sam.`` / ``module.sam.`` / ``module.``;
 * ``training``  -- torch_em / micro-sam ``{"model_state", "decoder_state", "optimizer_state", ...}``;
-* ``wrapped``   -- ``{"model": state_dict}`` (MedSAM) or ``{"state_dict": ...}`` (Lightning).
+* ``wrapped``   -- ``{"model": state_dict}`` (MedSAM) or ``{"state_dict": ...}`` (Lightning);
+* ``semantic``  -- a ``finetune --semantic`` model: the SAM weights it embeds with, plus its head.
 
 Loading never runs code from the file: it uses ``torch.load(weights_only=True)`` with a small
 allow-list of harmless numpy types; anything else needs ``trust=True`` (``--trust-checkpoint``).
@@ -149,6 +150,8 @@ def _split_prefix(key: str) -> tuple[str, str] | None:
 def _unwrap(obj, path: Path) -> tuple[str, Mapping, dict | None, tuple[str, ...]]:
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: not a SAM checkpoint (it holds a {type(obj).__name__}, not a dict)")
+    if isinstance(obj.get("medico_semantic"), Mapping) and isinstance(obj.get("sam_state"), Mapping):
+        return "semantic", obj["sam_state"], None, tuple(str(k) for k in obj if k != "sam_state")
     for key in _TRAINING_KEYS:
         if key in obj and isinstance(obj[key], Mapping):
             extras = tuple(str(k) for k in obj if k not in (key, "decoder_state"))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from medico_adapters import __version__
-from medico_adapters.errors import MedicoError
+from medico_adapters.errors import MedicoError, TrainingInterrupted
 
 PROG = "medico-adapters"
 
@@ -67,12 +67,37 @@ def cmd_check(args) -> int:
     ]
     if info.extra_entries:
         text.append(f"  ignored:  {', '.join(info.extra_entries)}")
+    trained = _training_record(Path(args.checkpoint))
+    if trained is not None:
+        text.append(f"  trained:  {trained['summary']}")
     text.append("  loadable: yes" if info.loadable else f"  loadable: no ({'; '.join(info.problems)})")
-    _emit(args, info.as_dict(), "\n".join(text))
+    _emit(args, {**info.as_dict(), "training": trained}, "\n".join(text))
     if not info.loadable:
         print(f"{PROG}: error: {info.path}: {info.problems[0]}", file=sys.stderr)
         return 1
     return 0
+
+
+def _training_record(path: Path) -> dict | None:
+    """The ``finetune`` record beside a checkpoint (``OUT.json``), if it describes this very file."""
+    from medico_adapters import fsio
+
+    record_path = path.with_suffix(".json")
+    try:
+        record = json.loads(record_path.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("kind") != "medico-adapters finetune":
+        return None
+    if record.get("sha256") != fsio.sha256_file(path):
+        return {"record": str(record_path), "summary": f"{record_path.name} describes another file (the checkpoint changed since)"}
+    summary = f"medico-adapters finetune ({record['mode']}, {record['steps']} steps"
+    ev = record.get("evaluation") or {}
+    if ev.get("before") and ev.get("after"):
+        summary += f", validation Dice {ev['before']['point']['mean']:.3f} -> {ev['after']['point']['mean']:.3f}"
+    summary += f"), record {record_path.name}"
+    return {"record": str(record_path), "summary": summary, "mode": record["mode"], "steps": record["steps"],
+            "base_checkpoint": record.get("base_checkpoint")}
 
 
 def cmd_export(args) -> int:
@@ -124,20 +149,31 @@ def _tool_options(args) -> dict:
         if value not in (None, False):
             options[key] = str(value) if key == "model_dir" else value
     options.update(_accelerate_option(args))
+    options.update(_lazy_option(args))
     return options
 
 
-def _accelerate_option(args) -> dict:
-    """``--accelerate`` / ``--no-accelerate``: kept in the manifest, so only an explicit flag changes it."""
+def _switch(args, key: str, supports: str, why: str) -> dict:
+    """A ``--X`` / ``--no-X`` tool option: kept in the manifest, so only an explicit flag changes
+    it; turning it on for a tool whose adapter lacks ``supports`` is refused with ``why``."""
     from medico_adapters.adapters import TOOLS
 
-    accelerate = getattr(args, "accelerate", None)
-    if accelerate is None:
+    value = getattr(args, key, None)
+    if value is None:
         return {}
-    supported = sorted(tool for tool, adapter in TOOLS.items() if adapter.accelerates)
-    if accelerate and args.tool not in supported:
-        raise MedicoError(f"--accelerate: {args.tool} has no SAM model of its own for the kit to accelerate; it works for {', '.join(supported)}")
-    return {"accelerate": accelerate}
+    supported = sorted(tool for tool, adapter in TOOLS.items() if getattr(adapter, supports))
+    if value and args.tool not in supported:
+        flag = "--" + key.replace("_", "-")
+        raise MedicoError(f"{flag}: {args.tool} {why}; it works for {', '.join(supported) or 'no tool yet'}")
+    return {key: value}
+
+
+def _accelerate_option(args) -> dict:
+    return _switch(args, "accelerate", "accelerates", "has no SAM model of its own for the kit to accelerate")
+
+
+def _lazy_option(args) -> dict:
+    return _switch(args, "lazy_embeddings", "lazy_embeddings", "does not embed images through code the kit can rewrite")
 
 
 #: tools found through the Python that runs napari (``--python``).
@@ -311,8 +347,28 @@ def _window(text: str | None):
     return (float(width), float(level))
 
 
+def _segment_with_model(args) -> int:
+    from medico_adapters import automatic
+
+    if args.point or args.box or args.auto or args.slice is not None:
+        raise MedicoError("--model segments every class without prompts; leave out --point/--box/--auto/--slice")
+    if args.checkpoint:
+        raise MedicoError("--model carries its own SAM weights; leave out --checkpoint")
+    report = automatic.segment_labels(args.image, args.output, args.model, dims=args.dims, device=args.device,
+                                      backend=args.backend, slab=args.slab, store_root=args.store, progress=not args.json)
+    found = ", ".join(f"{name} {count}" for name, count in report["voxels"].items())
+    _emit(args, report, f"wrote {report['output']} ({report['dims']}D model; voxels: {found}; {report['seconds']} s)\n"
+                        f"wrote {report['classes_file']} (the class table)")
+    return 0
+
+
 def cmd_segment(args) -> int:
     import warnings
+
+    if args.model:
+        return _segment_with_model(args)
+    if args.dims is not None:
+        raise MedicoError("--dims checks a semantic model's kind; it goes with --model")
 
     from medico_adapters import segment
     from medico_adapters.predictor import BackendWarning
@@ -324,7 +380,7 @@ def cmd_segment(args) -> int:
             args.image, args.output, points=[_point(p) for p in args.point], boxes=boxes, auto=args.auto,
             checkpoint=args.checkpoint, window=_window(args.window), overlay=args.overlay, slice_index=args.slice,
             device=args.device, exact=not args.fast, propagate_masks=not args.no_propagate,
-            progress=not args.json, backend=args.backend,
+            progress=not args.json, backend=args.backend, store=args.store,
         )
     for w in caught:  # one plain line each, like errors; anything else keeps Python's format
         if issubclass(w.category, BackendWarning):
@@ -339,6 +395,96 @@ def cmd_segment(args) -> int:
         summary += f"\nwrote {report['overlay']}"
     _emit(args, report, summary)
     return 0
+
+
+def _slices_per_case(text: str) -> int | None:
+    if text.lower() == "all":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise MedicoError(f"--slices-per-case {text!r}: give a number or 'all'") from None
+    if value < 1:
+        raise MedicoError(f"--slices-per-case {text!r}: give at least 1")
+    return value
+
+
+def cmd_finetune(args) -> int:
+    from medico_adapters.training.finetune import FinetuneSettings, finetune
+
+    if args.patch and args.semantic:
+        raise MedicoError("--patch: a semantic model is used by `segment --model`, not by the interactive tools")
+    if bool(args.patch) != bool(args.name):
+        raise MedicoError("--patch TOOL and --name NAME go together: the trained model is added to TOOL under NAME")
+    if args.classes and args.objects:
+        raise MedicoError("--classes and --objects name the same thing; give one")
+    if not args.semantic and (args.dims != 2 or args.classes):
+        raise MedicoError("--dims and --classes are for --semantic models")
+    chosen = args.classes or args.objects
+    settings = FinetuneSettings(
+        mode=args.train, objects=tuple(o for o in (chosen or "").split(",") if o.strip()) or None,
+        semantic=args.semantic, dims=args.dims, context=args.context, batch=args.batch,
+        connected=args.connected, slices_per_case=_slices_per_case(args.slices_per_case), val_fraction=args.val_fraction,
+        window=_window(args.window) if args.window else "auto", iterations=args.iterations, minutes=args.minutes,
+        seed=args.seed, lr=args.lr, objects_per_step=args.objects_per_step, rounds=args.rounds,
+        lora_rank=args.lora_rank, val_every=args.val_every, checkpoint_minutes=args.checkpoint_minutes,
+        checkpoint_every=args.checkpoint_every, precision=args.precision,
+    )
+    say = (lambda line: None) if args.json else (lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+    report = finetune(args.data, args.output, checkpoint=args.checkpoint, labels=args.labels, settings=settings,
+                      resume=args.resume, device=args.device, store_root=args.store, backend=args.backend,
+                      progress=not args.json, say=say)
+    ev = report["evaluation"]
+    kind = "semantic model" if report["task"] == "semantic" else "checkpoint"
+    lines = [f"wrote {report['output']} ({kind}, {report['mode']} training, {report['steps']} steps, stopped by {report['stopped']})"]
+    if ev.get("before") and ev.get("after"):
+        b, a = ev["before"]["point"]["mean"], ev["after"]["point"]["mean"]
+        lines.append(f"  validation Dice, one centre click: {b:.3f} -> {a:.3f}")
+    elif (ev.get("after") or {}).get("per_class"):
+        per = ", ".join(f"{n} {d:.3f}" for n, d in ev["after"]["per_class"].items() if d is not None)
+        lines.append(f"  validation Dice per class: {per}")
+    lines += [f"  {Path(f).name}" for f in report["files"][1:]]
+    if args.patch:
+        patch_args = argparse.Namespace(
+            tool=args.patch, path=args.path, python=None, checkpoint=report["output"], name=args.name, dry_run=False,
+            diff=False, json=False, trust_checkpoint=False, keep_default=False, model_dir=None, napari_compat=None,
+            accelerate=None, lazy_embeddings=None,
+        )
+        if args.json:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()) as captured:
+                cmd_patch(patch_args)
+            report["patch"] = captured.getvalue().strip()
+        else:
+            print("\n".join(lines))
+            lines = []
+            cmd_patch(patch_args)
+    _emit(args, report, "\n".join(lines))
+    return 0
+
+def cmd_precompute(args) -> int:
+    from medico_adapters.embeddings.precompute import precompute
+
+    report = precompute(
+        args.inputs, args.checkpoint, args.store, scheduler=args.scheduler, workers=args.workers,
+        window=_window(args.window), slab=args.slab, backend=args.backend, device=args.device,
+        trust=args.trust_checkpoint, verify=not args.no_verify, microsam_dir=args.microsam_zarr, progress=not args.json,
+    )
+    errors = [error for row in report["files"] for error in row["errors"]]
+    for error in errors:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+    t = report["totals"]
+    lines = [f"{row['input']}: {row['slices']} slices, {row['computed']} computed, {row['skipped']} already stored"
+             + (f", {row['failed']} failed" if row["failed"] else "") + (" (error)" if row["errors"] else "")
+             + (f"; micro-sam file {row['microsam']}" if row.get("microsam_written") is not None else "")
+             for row in report["files"]]
+    lines.append(f"{t['computed']} slices computed, {t['skipped']} already stored, {t['failed']} failed, "
+                 f"{t['files_with_errors']} of {t['files']} files with errors; {report['seconds']} s "
+                 f"({report['computed_per_hour']} computed slices/h); store {report['store']}")
+    _emit(args, report, "\n".join(lines))
+    return 1 if errors or t["failed"] else 0
 
 
 def cmd_demo(args) -> int:
@@ -364,8 +510,13 @@ EXAMPLES = {
     "unpatch": "medico-adapters unpatch napari-sam",
     "status": "medico-adapters status napari-sam --json",
     "install": "medico-adapters install napari-sam --version 0.4.13",
-    "segment": "medico-adapters segment ct.nii.gz -o mask.nii.gz --point 40,256,256 --window soft_tissue",
+    "segment": "medico-adapters segment ct.nii.gz -o mask.nii.gz --point 40,256,256 --window soft_tissue\n"
+               "  medico-adapters segment ct.nii.gz --model organs.pt -o organs.seg.nrrd",
     "demo": "medico-adapters demo --out medico-demo --screenshot medico-demo/widget.png",
+    "finetune": "medico-adapters finetune ./Task03_Liver -o liver.pt --objects liver,tumour --minutes 30\n"
+                "  medico-adapters finetune ./scans --labels ./labels -o mine.pt --patch napari-sam --name \"My MedicoSAM\"",
+    "precompute": "medico-adapters precompute Task03_Liver ct1.nii.gz dicom/ --checkpoint medicosam.pt --store /data/embeddings --workers 2\n"
+                  "  medico-adapters precompute scans/*.nii.gz --checkpoint medicosam.pt --store /shared/emb --scheduler tcp://head:8786",
 }
 
 
@@ -400,9 +551,17 @@ def _add_tool_options(p) -> None:
     fast.add_argument("--accelerate", dest="accelerate", action="store_true", default=None,
                       help="napari-sam, napari-segment-anything, samm, slicer-segment-with-sam: the tool's own SAM model "
                            "gets the kit's faster image encoder, with the same embedding (OpenVINO f32 when installed in "
-                           "the tool's Python, else SDPA); kept until --no-accelerate")
+                           "the tool's Python, else SDPA); napari-sam and napari-segment-anything: also turns "
+                           "--lazy-embeddings on unless --no-lazy-embeddings; kept until --no-accelerate")
     fast.add_argument("--no-accelerate", dest="accelerate", action="store_false",
                       help="remove the accelerator again (the rest of the patch stays)")
+    lazy = p.add_mutually_exclusive_group()
+    lazy.add_argument("--lazy-embeddings", dest="lazy_embeddings", action="store_true", default=None,
+                      help="napari-sam, napari-segment-anything: embed a slice when a prompt first needs it, the rest "
+                           "in the background; samm: its server's CalculateEmbeddings; all through the kit's "
+                           "embedding store, so a volume is embedded once; kept until --no-lazy-embeddings")
+    lazy.add_argument("--no-lazy-embeddings", dest="lazy_embeddings", action="store_false",
+                      help="remove the lazy embedding code again (the rest of the patch stays)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -484,15 +643,93 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto", action="store_true", help="automatic mask generation on a 2D image or --slice")
     p.add_argument("--slice", type=int, help="slice index for --auto on a volume")
     p.add_argument("--checkpoint", metavar="CKPT", help="weights (default: cached MedicoSAM)")
-    p.add_argument("--window", help="CT window preset (soft_tissue, lung, bone, brain) or W,L; default: percentile")
+    p.add_argument("--window", help="CT window preset (soft_tissue, lung, bone, brain) or W,L; microsam: micro-sam's "
+                   "per-slice min-max, sharing its embeddings; default: percentile (uint8 images kept)")
     p.add_argument("--overlay", metavar="PNG", help="also write a PNG of the prompted slice with the mask")
+    p.add_argument("--store", metavar="DIR", help="the embedding store read and written (default: $MEDICO_EMBEDDING_STORE, "
+                   "else embeddings/ in the kit's cache); what `precompute --store` filled")
     p.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N")
     p.add_argument("--fast", action="store_true",
                    help="faster, near-identical embeddings (bf16 where the CPU has it natively, else f32)")
     p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
                    help="what runs the image encoder; auto: OpenVINO on a CPU when installed, else torch")
     p.add_argument("--no-propagate", action="store_true", help="3D: segment only the prompted slice")
+    p.add_argument("--model", metavar="SEMANTIC.pt", help="a model from `finetune --semantic`: label every class, no prompts")
+    p.add_argument("--dims", type=int, choices=[2, 3], help="with --model: refuse unless the model is 2D or 3D")
+    p.add_argument("--slab", type=int, default=16, metavar="N", help="with --model: slices embedded and held at once (default 16)")
     p.add_argument("--json", action="store_true")
+    _add_trust(p)
+
+    p = _sub(subs, "finetune", "Fine-tune SAM on your labelled scans (a CPU is enough for --train decoder) and write a "
+             "checkpoint every tool loads, with a report.", cmd_finetune)
+    p.add_argument("data", metavar="DATA", help="a Decathlon/nnU-Net folder (dataset.json), a folder with images/ and labels/, "
+                   "or an image folder with --labels DIR")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.pt",
+                   help="the checkpoint to write (a plain SAM state dict); OUT.json, OUT-report.md/.json/-*.png and OUT-train/ go beside it")
+    p.add_argument("--labels", metavar="DIR", help="the folder of label maps, matched to DATA's images by file name")
+    p.add_argument("--checkpoint", metavar="BASE", help="the weights to start from (default: cached MedicoSAM)")
+    p.add_argument("--train", choices=["decoder", "lora", "full"], default="decoder",
+                   help="decoder (default): frozen encoder, each slice embedded once; lora: adapters on the encoder's attention "
+                        "(a GPU job); full: every weight (a GPU job)")
+    p.add_argument("--semantic", action="store_true",
+                   help="train an automatic segmenter (a class per pixel, no prompts) for `segment --model`")
+    p.add_argument("--dims", type=int, choices=[2, 3], default=2,
+                   help="--semantic: 2 (each slice alone) or 3 (neighbouring slices too; default 2)")
+    p.add_argument("--context", type=int, default=1, help="--dims 3: neighbouring slices on each side (default 1)")
+    p.add_argument("--classes", metavar="NAMES", help="--semantic: the classes (label names or values); default: all labels")
+    p.add_argument("--batch", type=int, default=2, help="--semantic: slices per step (default 2)")
+    p.add_argument("--objects", metavar="NAMES", help="comma-separated label names (from dataset.json) or values; default: all")
+    p.add_argument("--connected", action="store_true", help="each connected part of a label on a slice is its own object")
+    p.add_argument("--slices-per-case", default="12", metavar="N",
+                   help="slices per case, spread over the labelled extent (default 12; 'all': every labelled slice -- "
+                        "each costs an embedding, seconds on a CPU)")
+    p.add_argument("--iterations", type=int, metavar="N", help=f"training steps (default {500} unless --minutes is given)")
+    p.add_argument("--minutes", type=float, metavar="M", help="stop cleanly after M minutes (embedding and evaluation included)")
+    p.add_argument("--val-fraction", type=float, default=0.2, metavar="F", help="share of cases held out for validation (default 0.2; 0: none)")
+    p.add_argument("--window", help="CT window preset or W,L, or percentile; default auto: soft tissue for CT, percentiles otherwise")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split, the sampling and the prompts (default 0)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up (default 1e-3)")
+    p.add_argument("--objects-per-step", type=int, default=2, metavar="K", help="objects of one slice per step (default 2)")
+    p.add_argument("--rounds", type=int, default=2, help="prompt rounds per step: the first prompt plus corrections (default 2)")
+    p.add_argument("--precision", choices=["auto", "f32", "bf16"], default="auto",
+                   help="training steps: auto (default) runs them under bf16 autocast where the hardware has bf16 "
+                        "(read from the CPU's flags), f32 elsewhere; weights stay f32")
+    p.add_argument("--lora-rank", type=int, default=4, help="--train lora: adapter rank (default 4)")
+    p.add_argument("--val-every", type=int, default=100, metavar="N", help="validation Dice every N steps (default 100)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, metavar="M", help="save a resumable checkpoint every M minutes (default 5)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="also save one every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT-train/ (same options; a larger --iterations continues a finished run)")
+    p.add_argument("--device", help="auto, cpu, mps, cuda or cuda:N")
+    p.add_argument("--store", metavar="DIR", help="the embedding store (default: $MEDICO_EMBEDDING_STORE, else the kit's cache)")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                   help="what embeds the slices (exact f32 either way); auto: OpenVINO on a CPU when installed")
+    p.add_argument("--patch", metavar="TOOL", help="then add the trained model to TOOL (as `patch TOOL --checkpoint OUT.pt --name NAME`)")
+    p.add_argument("--name", help="with --patch: the model's name in the tool")
+    p.add_argument("--path", metavar="DIR", help="with --patch: the tool's tree (default: the installed copy)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
+    p = _sub(subs, "precompute", "Embed every slice of a cohort into the embedding store with Dask, so that segment and "
+             "the patched tools read instead of computing.", cmd_precompute)
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="volume files (NIfTI, NRRD, MHA), DICOM series folders, Decathlon folders (dataset.json, imagesTr/)")
+    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="the weights to embed with (any format check accepts)")
+    p.add_argument("--store", metavar="DIR", help="the embedding store (default: $MEDICO_EMBEDDING_STORE, else embeddings/ in "
+                   "the kit's cache); on a cluster, a folder every worker sees at this path")
+    p.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786); default: a "
+                   "LocalCluster of worker processes on this machine")
+    p.add_argument("--workers", type=int, metavar="N", help="LocalCluster worker processes, each loading the model once "
+                   "(default: one per 4 cores); threads per worker = cores / N")
+    p.add_argument("--window", help="the normalisation the entries are for, as segment's --window: soft_tissue, lung, "
+                   "bone, brain, W,L, percentile, or microsam (micro-sam's per-slice min-max); default: segment's default "
+                   "(percentile; uint8 images kept). segment with the same --window finds every slice")
+    p.add_argument("--slab", type=int, default=8, metavar="W", help="slices per Dask task (default 8)")
+    p.add_argument("--microsam-zarr", metavar="DIR", help="also write each input's micro-sam embedding file "
+                   "(DIR/NAME.zarr, for micro-sam's annotators' embedding_path); implies --window microsam")
+    p.add_argument("--no-verify", action="store_true", help="skip slices whose entry file exists without reading it "
+                   "(default: workers check each entry's digest and recompute damaged ones)")
+    p.add_argument("--backend", choices=["auto", "torch", "openvino"], default="auto",
+                   help="what runs the encoder on the workers (exact f32 whichever you pick)")
+    p.add_argument("--device", help="the workers' device: auto, cpu, cuda or cuda:N")
+    p.add_argument("--json", action="store_true", help="print one JSON object (no progress bar)")
     _add_trust(p)
 
     p = _sub(subs, "demo", "Run napari-sam's real widget on a CT phantom with MedicoSAM (a patched temporary copy); "
@@ -509,7 +746,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: options naming files or folders: made absolute before any command runs, so that what the
 #: manifest records, and what ``status``/``unpatch`` read back later, never depends on the cwd.
-PATH_OPTIONS = ("path", "model_dir", "checkpoint", "dest")
+PATH_OPTIONS = ("path", "model_dir", "checkpoint", "dest", "store", "labels", "model", "microsam_zarr")
 
 
 def _absolute_paths(args) -> None:
@@ -540,6 +777,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _absolute_paths(args)
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 130
     except MedicoError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

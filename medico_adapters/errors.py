@@ -55,3 +55,7 @@ class ExportCheckError(CheckpointError):
 
 class BackendError(MedicoError):
     """A requested inference backend cannot run here (not installed, or not on this device)."""
+
+
+class TrainingInterrupted(MedicoError):
+    """Ctrl-C stopped a training run; its checkpoint is saved and ``--resume`` continues it."""

@@ -5,9 +5,10 @@ physical geometry (spacing, origin, direction), so a mask written here overlays 
 any viewer. Arrays are numpy in SimpleITK's index order reversed: ``(z, y, x)`` for volumes,
 ``(y, x)`` or ``(y, x, 3)`` for 2D images.
 
-Intensity normalisation is explicit and recorded: CT window presets or a percentile stretch
-(0.5-99.5 % over the *whole volume*, so neighbouring slices share one mapping and an embedding
-cache key stays meaningful). Nothing here judges segmentation accuracy; that comes from the
+Intensity normalisation is explicit and recorded: CT window presets, a percentile stretch
+(0.5-99.5 % over the *whole volume*, so neighbouring slices share one mapping), or ``microsam``:
+micro-sam's own per-slice min-max, so that the kit embeds the pixels micro-sam embeds and both
+share the embedding store's entries. Nothing here judges segmentation accuracy; that comes from the
 model weights and is not measured in this kit.
 """
 
@@ -26,8 +27,10 @@ from medico_adapters.errors import ImageError
 __all__ = [
     "WINDOWS",
     "Geometry",
+    "ImageInfo",
     "LoadedImage",
     "read_image",
+    "read_info",
     "write_mask",
     "to_uint8",
     "normalise",
@@ -41,6 +44,8 @@ WINDOWS = {
     "brain": (80.0, 40.0),
 }
 PERCENTILES = (0.5, 99.5)
+#: the ``window`` that normalises as micro-sam does (see ``normalise``).
+MICROSAM = "microsam"
 _MASK_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff")
 
 
@@ -146,6 +151,44 @@ def _read_sitk(path: Path) -> sitk.Image:
         raise ImageError(f"{path}: not a readable image ({_reason(e)})") from None
 
 
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, before any pixel is read: enough to plan memory and to tell 2D from 3D."""
+
+    dimension: int
+    size: tuple[int, ...]  # SimpleITK's (x, y[, z]) order
+    components: int
+    bytes_per_component: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.size, dtype=np.int64)) * self.components * self.bytes_per_component
+
+
+def read_info(path: str | os.PathLike) -> ImageInfo:
+    """The header of a 2D image or 3D volume (file or DICOM series folder); a 4D file with one
+    time point counts as 3D, as ``read_image`` reads it."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such file or folder")
+    files = _dicom_files(path) if path.is_dir() else [str(path)]
+    if not path.is_dir() and path.stat().st_size == 0:
+        raise ImageError(f"{path}: the file is empty")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(files[0])
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise ImageError(f"{path}: not a readable image ({_reason(e)})") from None
+    size = tuple(reader.GetSize())
+    if path.is_dir():
+        size = (*size[:2], len(files))
+    elif len(size) == 4 and size[3] == 1:
+        size = size[:3]
+    probe = sitk.Image([1] * reader.GetDimension(), reader.GetPixelID(), reader.GetNumberOfComponents())
+    return ImageInfo(len(size), size, reader.GetNumberOfComponents(), probe.GetSizeOfPixelComponent())
+
+
 def read_image(path: str | os.PathLike) -> LoadedImage:
     """Read a 2D image or 3D volume (file or DICOM series folder) with its geometry."""
     path = Path(path)
@@ -177,16 +220,23 @@ def _stretch(array: np.ndarray, low: float, high: float) -> np.ndarray:
 def normalise(array: np.ndarray, window: str | tuple[float, float] | None = None) -> tuple[np.ndarray, dict]:
     """Map intensities to uint8 (same shape) and describe how, for reports and cache keys.
 
-    ``window``: a preset name from ``WINDOWS``, a ``(width, level)`` pair, ``"percentile"``, or
-    None -- which keeps uint8 images as they are and percentile-stretches anything else.
+    ``window``: a preset name from ``WINDOWS``, a ``(width, level)`` pair, ``"percentile"``,
+    ``"microsam"`` (each slice as micro-sam's annotators normalise it; ``array`` is then a
+    (slices, y, x[, 3]) stack or one (y, x) image), or None -- which keeps uint8 images as they
+    are and percentile-stretches anything else.
     """
     array = np.asarray(array)
     if array.size == 0:
         raise ImageError("image: zero-size array cannot be normalised")
+    if isinstance(window, str) and window.lower() == MICROSAM:
+        from medico_adapters.embeddings.microsam import normalise_slices
+
+        pixels = normalise_slices(array[None])[0] if array.ndim == 2 else normalise_slices(array)
+        return pixels, {"method": MICROSAM, "scope": "slice", "as": "micro-sam's _to_image (min-max per slice and channel)"}
     if isinstance(window, str) and window.lower() not in ("percentile", "auto"):
         key = window.lower().replace("-", "_").replace(" ", "_")
         if key not in WINDOWS:
-            raise ImageError(f"--window {window!r}: unknown preset; use one of {', '.join(WINDOWS)} or percentile")
+            raise ImageError(f"--window {window!r}: unknown preset; use one of {', '.join(WINDOWS)}, percentile or {MICROSAM}")
         width, level = WINDOWS[key]
         return _stretch(array, level - width / 2, level + width / 2), {
             "method": "window", "name": key, "width": width, "level": level,
@@ -219,8 +269,9 @@ def _mask_suffix_ok(path: Path) -> bool:
     return any(name.endswith(s) for s in _MASK_SUFFIXES)
 
 
-def write_mask(mask: np.ndarray, path: str | os.PathLike, geometry: Geometry) -> Path:
-    """Write a label array with the input's geometry (uint8, or uint16 beyond 255 labels)."""
+def write_mask(mask: np.ndarray, path: str | os.PathLike, geometry: Geometry, metadata: dict[str, str] | None = None) -> Path:
+    """Write a label array with the input's geometry (uint8, or uint16 beyond 255 labels);
+    ``metadata`` goes into the header where the format keeps key/value pairs (NRRD, NIfTI's descrip)."""
     path = Path(path)
     if path.is_dir() or not _mask_suffix_ok(path):
         raise ImageError(f"{path}: write masks to a .nii.gz, .nrrd, .mha, .png or .tif file")
@@ -230,6 +281,8 @@ def write_mask(mask: np.ndarray, path: str | os.PathLike, geometry: Geometry) ->
         raise ImageError(f"{path}: mask shape {mask.shape} does not match the image's {expected}")
     dtype = np.uint8 if mask.max(initial=0) <= 255 else np.uint16
     image = geometry.apply(sitk.GetImageFromArray(mask.astype(dtype)))
+    for key, value in (metadata or {}).items():
+        image.SetMetaData(key, value)
     try:
         with fsio.atomic_output(path) as tmp:
             sitk.WriteImage(image, str(tmp), useCompression=True)

@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from medico_adapters.accel import medico_sam_accel as accel
 from medico_adapters.checkpoint import Checkpoint, load_checkpoint, require_loadable
 from medico_adapters.device import select_device
+from medico_adapters.embeddings.store import EmbeddingStore, state_identity
 from medico_adapters.errors import BackendError, CheckpointError, ImageError
 
 __all__ = ["BACKENDS", "BackendWarning", "Embedding", "EncoderPlan", "Predictor", "checkpoint_identity", "choose_backend"]
@@ -227,6 +228,7 @@ class Predictor:
         self.arch = ckpt.info.arch
         self.exact = exact
         self.checkpoint_id = checkpoint_identity(ckpt.state_dict)
+        self.encoder_id = state_identity(ckpt.state_dict)
         self.model = _build_sam(ckpt).to(self.device)
         del ckpt
         self.encoder_cache: str | None = None  # the compiled-encoder file OpenVINO loaded or wrote
@@ -280,6 +282,12 @@ class Predictor:
         mode = "exact" if self.exact else f"fast-{self.plan.backend}-{self.plan.precision}"
         return f"{self.arch}-{self.checkpoint_id}-{mode}"
 
+    @property
+    def store_model(self) -> str:
+        """The model part of an embedding-store key: the encoder's weights, and the precision
+        when it is not exact (exact embeddings are shared with the tools' own f32 ones)."""
+        return self.encoder_id if self.exact else f"{self.encoder_id[:24]}{self.plan.backend[:2]}{self.plan.precision}"
+
     def describe(self) -> dict:
         """Backend, precision and why, for reports and ``--json``."""
         return {"backend": self.plan.backend, "precision": self.plan.precision, "reason": self.plan.reason,
@@ -294,6 +302,20 @@ class Predictor:
         with torch.inference_mode(), self._autocast():
             features = self.model.image_encoder(self.model.preprocess(tensor)).float()
         return Embedding(features, tuple(rgb.shape[:2]), tuple(tensor.shape[-2:]))
+
+    def embed_stored(self, image: np.ndarray, store: EmbeddingStore | None) -> tuple[Embedding, bool]:
+        """``embed``, through ``store`` (None: no store): (the embedding, whether it was computed)."""
+        rgb = as_rgb(image)
+        if store is None:
+            return self.embed(rgb), True
+        size = self.transform.get_preprocess_shape(rgb.shape[0], rgb.shape[1], self.transform.target_length)
+        key = store.key(self.store_model, rgb, size)
+        features = store.get(key)
+        if features is not None:
+            return Embedding(torch.from_numpy(features).to(self.device), tuple(rgb.shape[:2]), tuple(size)), False
+        embedding = self.embed(rgb)
+        store.put(key, embedding.features.cpu().numpy())
+        return embedding, True
 
     def _autocast(self):
         """Lower precision for the torch backend when planned (OpenVINO sets its own)."""

@@ -2,9 +2,11 @@
 
 Why it looks like this: a volume has hundreds of slices and one ViT-B embedding costs seconds on
 a CPU, so slices are embedded lazily (only the prompted slice and those propagation reaches) and
-every embedding is kept in an on-disk cache under ``registry.cache_dir()/"embeddings"``, keyed by
-the normalised volume's content hash, the checkpoint's weight hash, the normalisation and
-exact/fast mode -- re-running on the same volume reads embeddings instead of computing them.
+every embedding goes through the kit's embedding store (``medico_adapters.embeddings.store``),
+keyed by the encoder's weights, the slice's pixels after normalisation and SAM's input size.
+Re-running on the same volume, a ``precompute`` run before it, or a patched tool that embedded the
+same slice with the same weights, means reading embeddings instead of computing them; a changed
+window or checkpoint gives other pixels or weights, so other keys, never stale embeddings.
 
 Propagation follows micro-sam's ``segment_mask_in_volume``: from the prompted slice, each next
 slice (up, then down) is prompted with the bounding box and the low-res logits of the previous
@@ -25,7 +27,6 @@ Segmentation quality comes from MedicoSAM's weights and is not measured here.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -36,15 +37,15 @@ import numpy as np
 import torch
 
 from medico_adapters import fsio
+from medico_adapters.embeddings.store import EmbeddingStore
 from medico_adapters.errors import CheckpointError, ImageError
 from medico_adapters.io import LoadedImage, normalise, read_image, write_mask
 from medico_adapters.predictor import Embedding, Predictor
 
-__all__ = ["EmbeddingCache", "VolumePredictor", "propagate", "segment", "DEFAULT_IOU_THRESHOLD"]
+__all__ = ["VolumePredictor", "propagate", "segment", "DEFAULT_IOU_THRESHOLD"]
 
 DEFAULT_IOU_THRESHOLD = 0.5
 AUTO_POINTS_PER_SIDE = 16
-CACHE_FORMAT = 1
 
 
 def _progress(iterable, total: int, desc: str, enabled: bool):
@@ -53,62 +54,14 @@ def _progress(iterable, total: int, desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, unit="slice", disable=not enabled, leave=False)
 
 
-def volume_hash(volume: np.ndarray) -> str:
-    import xxhash
-
-    digest = xxhash.xxh3_128()
-    digest.update(f"{volume.dtype}{volume.shape}".encode())
-    digest.update(np.ascontiguousarray(volume).data)
-    return digest.hexdigest()
-
-
-class EmbeddingCache:
-    """One folder per (volume, weights, normalisation, mode); one ``.npy`` file per slice."""
-
-    def __init__(self, root: Path, key_parts: dict) -> None:
-        import xxhash
-
-        blob = json.dumps({"format": CACHE_FORMAT, **key_parts}, sort_keys=True)
-        self.key = xxhash.xxh3_128(blob.encode()).hexdigest()
-        self.folder = Path(root) / self.key
-        self._meta = blob
-
-    def _file(self, z: int) -> Path:
-        return self.folder / f"slice_{z:05d}.npy"
-
-    def load(self, z: int) -> np.ndarray | None:
-        path = self._file(z)
-        if not path.is_file():
-            return None
-        try:
-            return np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)  # a damaged entry is recomputed, not trusted
-            return None
-
-    def save(self, z: int, features: np.ndarray) -> None:
-        meta = self.folder / "key.json"
-        if not meta.exists():
-            fsio.write_text(meta, self._meta)
-        fsio.atomic_write(self._file(z), lambda f: np.save(f, features, allow_pickle=False))
-
-
 class VolumePredictor:
     """Prompt any slice of a (z, y, x[, 3]) uint8 volume; embeddings computed on demand.
 
-    ``normalisation`` is the dict ``io.normalise`` returned; it is part of the cache key.
-    ``cache_root=None`` uses ``registry.cache_dir()/"embeddings"``; ``cache=False`` disables it.
+    ``store`` is where embeddings are read and written (None: computed every time, kept in
+    memory only). ``stats`` counts the slices ``computed`` and those read ``from_cache``.
     """
 
-    def __init__(
-        self,
-        predictor: Predictor,
-        volume: np.ndarray,
-        normalisation: dict | None = None,
-        *,
-        cache: bool = True,
-        cache_root: str | os.PathLike | None = None,
-    ) -> None:
+    def __init__(self, predictor: Predictor, volume: np.ndarray, *, store: EmbeddingStore | None = None) -> None:
         volume = np.asarray(volume)
         if volume.dtype != np.uint8:
             raise ImageError(f"volume: expected uint8 after normalisation, got {volume.dtype}")
@@ -116,42 +69,21 @@ class VolumePredictor:
             raise ImageError(f"volume: expected a non-empty (z, y, x[, 3]) array, got shape {volume.shape}")
         self.predictor = predictor
         self.volume = volume
+        self.store = store
         self.stats = {"computed": 0, "from_cache": 0}
         self._memory: dict[int, Embedding] = {}
-        self.cache: EmbeddingCache | None = None
-        if cache:
-            if cache_root is None:
-                from medico_adapters.registry import cache_dir
-
-                cache_root = cache_dir() / "embeddings"
-            self.cache = EmbeddingCache(
-                Path(cache_root),
-                {"volume": volume_hash(volume), "model": predictor.identity, "normalisation": normalisation or {}},
-            )
 
     @property
     def n_slices(self) -> int:
         return self.volume.shape[0]
 
     def embedding(self, z: int) -> Embedding:
-        """The embedding of slice ``z``: from memory, else from the disk cache, else computed."""
-        if z in self._memory:
-            return self._memory[z]
-        image = self.volume[z]
-        size = tuple(image.shape[:2])
-        cached = self.cache.load(z) if self.cache is not None else None
-        if cached is not None:
-            transform = self.predictor.transform
-            input_size = transform.get_preprocess_shape(size[0], size[1], transform.target_length)
-            emb = Embedding(torch.from_numpy(cached), size, tuple(input_size))
-            self.stats["from_cache"] += 1
-        else:
-            emb = self.predictor.embed(image)
-            self.stats["computed"] += 1
-            if self.cache is not None:
-                self.cache.save(z, emb.features.cpu().numpy())
-        self._memory[z] = emb
-        return emb
+        """The embedding of slice ``z``: from memory, else from the store, else computed (and stored)."""
+        if z not in self._memory:
+            emb, computed = self.predictor.embed_stored(self.volume[z], self.store)
+            self.stats["computed" if computed else "from_cache"] += 1
+            self._memory[z] = emb
+        return self._memory[z]
 
     def embed_slices(self, slices: Sequence[int], progress: bool = True) -> None:
         """Make sure the given slices are embedded (cached or computed), with a progress bar."""
@@ -351,6 +283,7 @@ def segment(
     iou_threshold: float = DEFAULT_IOU_THRESHOLD,
     points_per_side: int = AUTO_POINTS_PER_SIDE,
     cache: bool = True,
+    store: str | os.PathLike | EmbeddingStore | None = None,
     progress: bool = True,
     predictor: Predictor | None = None,
     backend: str = "auto",
@@ -358,7 +291,9 @@ def segment(
     """Segment ``image_path`` and write the label image to ``out_path``; return a report dict.
 
     ``predictor`` lets a caller reuse a loaded model (then ``checkpoint``/``device``/``exact``/
-    ``backend`` are taken from it). See the module docstring for the prompt conventions.
+    ``backend`` are taken from it). ``store`` is the embedding store (its folder, or None for
+    ``default_root()``); ``cache=False`` computes every embedding and stores none. See the
+    module docstring for the prompt conventions.
     """
     started = time.perf_counter()
     if auto and (points or boxes):
@@ -396,7 +331,11 @@ def segment(
             checkpoint if checkpoint is not None else default_checkpoint(), device=device, exact=exact, backend=backend,
             log=say,
         )
-    vp = VolumePredictor(predictor, pixels, norm, cache=cache)
+    if not cache:
+        store = None
+    elif not isinstance(store, EmbeddingStore):
+        store = EmbeddingStore(store)
+    vp = VolumePredictor(predictor, pixels, store=store)
 
     report = {
         "image": str(image_path), "output": str(out_path), "shape": list(loaded.array.shape),
@@ -425,6 +364,6 @@ def segment(
     write_mask(labels if loaded.is_volume else labels[0], out_path, loaded.geometry)
     if overlay is not None:
         report["overlay"] = _overlay_png(pixels[z], labels[z], overlay)
-    report["embeddings"] = dict(vp.stats, cache=str(vp.cache.folder) if vp.cache else None)
+    report["embeddings"] = dict(vp.stats, store=str(store.root) if store is not None else None)
     report["seconds"] = round(time.perf_counter() - started, 3)
     return report

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import shutil
+import subprocess
 import sys
 import textwrap
 import types
@@ -20,6 +22,13 @@ def copy_fixture(rel: str, dest: Path) -> Path:
     target = dest / Path(rel).name
     shutil.copytree(FIXTURES / rel, target)
     return target
+
+
+def kit_cli(*args, cwd: Path, home: Path) -> subprocess.CompletedProcess:
+    """The kit's CLI in a subprocess, as a user runs it, with ``home`` as HOME and cache."""
+    env = {**os.environ, "HOME": str(home), "MEDICO_ADAPTERS_CACHE": str(home / "cache")}
+    return subprocess.run([sys.executable, "-m", "medico_adapters", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env)
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -103,3 +112,43 @@ def slicer_stand_ins(monkeypatch, module_dir: Path) -> None:
         "SampleData": types.ModuleType("SampleData"),
     }.items():
         monkeypatch.setitem(sys.modules, name, module)
+
+
+def tiny_sam(seed: int = 0, img_size: int = 64):
+    """A Segment Anything model of the real classes at toy size (a ViT of one block, 64-pixel
+    input): SamPredictor runs on it as on a ViT-B, in milliseconds. Random weights."""
+    from functools import partial
+
+    import torch
+    from segment_anything.modeling import (
+        ImageEncoderViT,
+        MaskDecoder,
+        PromptEncoder,
+        Sam,
+        TwoWayTransformer,
+    )
+
+    torch.manual_seed(seed)
+    dim, grid = 32, img_size // 16
+    encoder = ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=dim, depth=1, num_heads=2, mlp_ratio=2,
+                              out_chans=dim, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+                              use_rel_pos=True, window_size=2, global_attn_indexes=(0,))
+    prompt = PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid), input_image_size=(img_size, img_size),
+                           mask_in_chans=4)
+    decoder = MaskDecoder(num_multimask_outputs=3, transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64, num_heads=2),
+                          transformer_dim=dim, iou_head_depth=1, iou_head_hidden_dim=dim)
+    sam = Sam(image_encoder=encoder, prompt_encoder=prompt, mask_decoder=decoder)
+    for p in sam.parameters():  # SAM zero-initialises its rel-pos tables; random ones make slices differ more
+        if p.dim() == 2 and p.shape[-1] == dim // 2:
+            torch.nn.init.normal_(p, std=0.5)
+    return sam.eval()
+
+
+class FakeLayer:
+    """What napari-sam's set_image reads of an image layer."""
+
+    def __init__(self, data, contrast_limits, rgb: bool = False):
+        self.data = data
+        self.ndim = data.ndim - (1 if rgb else 0)
+        self.rgb = rgb
+        self.contrast_limits = contrast_limits

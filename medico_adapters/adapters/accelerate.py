@@ -93,6 +93,9 @@ class AccelerateModel(VisitorBasedCodemodCommand):
     """
 
     DESCRIPTION = "Run the tool's SAM model through the kit's accelerator right after it is built."
+    #: what the inserted block holds, to recognise it (a subclass inserting another block names its own).
+    MARK = MODULE
+    DONE = "accelerated"
 
     def __init__(self, context, import_from: str, only_if: str | None = None) -> None:
         super().__init__(context)
@@ -165,7 +168,7 @@ class AccelerateModel(VisitorBasedCodemodCommand):
                 continue
             built.discard(moved)
             following = body[at + 1] if at + 1 < len(body) else None
-            if following is not None and MODULE in _code(following):
+            if following is not None and self.MARK in _code(following):
                 self.present += 1
             else:
                 out.append(self._call(moved))
@@ -175,7 +178,7 @@ class AccelerateModel(VisitorBasedCodemodCommand):
     def leave_Module(self, original: cst.Module, updated: cst.Module) -> cst.Module:
         if not self.added:
             raise SkipFile(
-                "every SAM model built here is already accelerated" if self.present
+                f"every SAM model built here is already {self.DONE}" if self.present
                 else "no SAM model built (`m = sam_model_registry[...](...)`) and moved (`m.to(...)`) in one block"
             )
         return updated

@@ -48,6 +48,9 @@ class Adapter:
     description: str = ""
     #: whether ``patch --accelerate`` can give this tool's SAM model the kit's encoder (see accelerate.py).
     accelerates: bool = False
+    #: whether ``patch --lazy-embeddings`` applies: the tool's embeddings go through the kit's
+    #: embedding store (and, where the tool embeds whole volumes up front, lazily per slice).
+    lazy_embeddings: bool = False
 
     #: import names of the tool's package, for tools installed into a Python environment.
     packages: tuple[str, ...] = ()

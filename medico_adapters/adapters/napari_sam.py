@@ -25,7 +25,7 @@ from libcst.codemod.visitors import AddImportsVisitor
 from packaging.version import Version
 
 from medico_adapters import pyenv
-from medico_adapters.adapters import accelerate
+from medico_adapters.adapters import accelerate, lazy_embeddings
 from medico_adapters.adapters.base import (
     LOCAL_SCHEME,
     MEDICOSAM_FILENAME,
@@ -361,6 +361,13 @@ def napari_on_path_note(python: str | None, root: Path) -> str | None:
     )
 
 
+def lazy_on(options: dict) -> bool:
+    """``--lazy-embeddings`` as the user set it; unset, it follows ``--accelerate`` (README: "Lazy
+    embeddings" says why): the masks are the same, and a user who asked for speed gets the first
+    mask in seconds instead of after the whole volume."""
+    return bool(options.get("lazy_embeddings", options.get("accelerate", False)))
+
+
 def widget_classes(module: cst.Module) -> set[str]:
     return {stmt.name.value for stmt in module.body if isinstance(stmt, cst.ClassDef)}
 
@@ -372,6 +379,7 @@ class NapariSamAdapter(Adapter):
     #: prepended to checkpoint file names; the forks share one cache folder (see napari_segment_anything.py).
     filename_prefix = ""
     accelerates = True
+    lazy_embeddings = True
 
     def locate(self, python: str | None = None) -> Path:
         """The package installed for ``python`` (default: the kit's own interpreter)."""
@@ -436,6 +444,8 @@ class NapariSamAdapter(Adapter):
         compat = [Step(widget, LayersChangeCompat), Step(widget, PointsBorderColorCompat)] if options.get("napari_compat") else []
         if options.get("accelerate"):
             compat.append(Step(widget, accelerate.AccelerateModel, {"import_from": "." + accelerate.MODULE}))
+        if self._lazy_placed(tree, layout, options):
+            compat.append(Step(widget, lazy_embeddings.LazySliceLoop, {"import_from": "." + lazy_embeddings.MODULE}))
         if layout.name == "N3":
             return [
                 Step(widget, AddSamModelsEntry, {"entries": entries}),
@@ -469,11 +479,26 @@ class NapariSamAdapter(Adapter):
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
         compat = ["napari>=0.6.2 compat (layers_change, add_points border_color)"] if options.get("napari_compat") else []
-        return compat + accelerate.features(options)
+        return compat + self.option_features(tree, layout, options)
+
+    def option_features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
+        """What ``--accelerate`` and ``--lazy-embeddings`` add, as ``status`` lists it."""
+        listed = accelerate.features(options)
+        if self._lazy_placed(tree, layout, options):
+            loop = lazy_embeddings.has_volume_loop(parse(tree, layout.files[0]))
+            listed.append(lazy_embeddings.FEATURE if loop else lazy_embeddings.STORE_FEATURE)
+        return listed
+
+    def _lazy_placed(self, tree: Tree, layout: Layout, options: dict) -> bool:
+        # asked for, it must find something to change; implied by --accelerate, only where there is
+        return lazy_on(options) and ("lazy_embeddings" in options or lazy_embeddings.has_embedding(parse(tree, layout.files[0])))
 
     def added_files(self, tree: Tree, layout: Layout, options: dict) -> dict[str, bytes]:
-        """The accelerator, a sibling module of ``_widget.py`` in the plugin's package."""
-        return accelerate.module_file(layout.package) if options.get("accelerate") else {}
+        """The accelerator and the lazy embedding modules, siblings of ``_widget.py`` in the plugin's package."""
+        added = accelerate.module_file(layout.package) if options.get("accelerate") else {}
+        if self._lazy_placed(tree, layout, options):
+            added.update(lazy_embeddings.module_files(layout.package))
+        return added
 
 
 ADAPTER = NapariSamAdapter()

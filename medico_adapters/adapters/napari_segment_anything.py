@@ -23,7 +23,6 @@ from libcst.codemod.visitors import AddImportsVisitor
 from packaging.version import Version
 
 from medico_adapters import pyenv
-from medico_adapters.adapters import accelerate
 from medico_adapters.adapters.base import Layout, Step, string_literal
 from medico_adapters.adapters.napari_sam import NapariSamAdapter, widget_classes
 from medico_adapters.engine import Entry, Tree
@@ -104,7 +103,7 @@ class NapariSegmentAnythingAdapter(NapariSamAdapter):
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
         compat = ["napari>=0.5 compat (add_labels colormap)"] if options.get("napari_compat") else []
-        return compat + accelerate.features(options)
+        return compat + self.option_features(tree, layout, options)
 
 
 ADAPTER = NapariSegmentAnythingAdapter()

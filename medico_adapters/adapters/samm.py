@@ -8,6 +8,10 @@ Layouts:
 * ``samm-server`` (1.2+): ``MODEL_DEFINITIONS`` in ``service/samm_server/model_registry.py`` and the
   Slicer module's ``MODEL_IDS`` in ``samm/<module>/samm_lib/protocol.py``.
 
+Options: ``--accelerate`` (accelerate.py) and ``--lazy-embeddings`` (embedding_store.py: the legacy
+``CalculateEmbeddings`` and samm-server's ``embed``/``predict`` set each slice through the kit's
+embedding store).
+
 ``S1`` (no mapper: ``initNetWork`` hard-wired to vit_h) is refused. Legacy model names are
 ``<slug>_<arch>`` and never start with a dispatch prefix, so they reach only the exact-name loader
 the patch adds; samm-server model ids are the same names without the ``_<arch>`` suffix.
@@ -22,7 +26,7 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 
-from medico_adapters.adapters import accelerate
+from medico_adapters.adapters import accelerate, embedding_store
 from medico_adapters.adapters.base import (
     MEDICOSAM_FILENAME,
     Adapter,
@@ -649,6 +653,7 @@ class SammAdapter(Adapter):
     tool = "samm"
     description = "samm (bingogome/samm): legacy server + SammBase (S2-S4) and samm-server >= 1.2"
     accelerates = True
+    lazy_embeddings = True
 
     def _sam1_backend(self, tree: Tree) -> tuple[str, str | None]:
         """samm-server's file that builds the sam1 model, and the condition that selects sam1 there."""
@@ -664,6 +669,19 @@ class SammAdapter(Adapter):
             return Step(rel, accelerate.AccelerateModel, {"import_from": "." + accelerate.MODULE, "only_if": only_if}), rel.rsplit("/", 1)[0]
         # the server runs as a script (`python sam_server.py`): its folder is first on sys.path
         return Step(SERVER_UTIL, accelerate.AccelerateModel, {"import_from": accelerate.MODULE}), SERVER_UTIL.rsplit("/", 1)[0]
+
+    def _stored(self, tree: Tree, layout: Layout, options: dict) -> tuple[list[Step], str]:
+        """The --lazy-embeddings steps (after the accelerate step: the model is hashed before the
+        accelerator may drop its weights) and the folder the store module goes in."""
+        if layout.name == "samm-server":
+            rel = self._sam1_backend(tree)[0]
+            where, functions, import_from = rel, ("embed", "predict"), "." + embedding_store.MODULE
+        else:
+            where, functions, import_from = SERVER_UTIL, ("CalculateEmbeddings",), embedding_store.MODULE
+        steps = [Step(where, embedding_store.StoreSetImage, {"functions": functions, "import_from": import_from})]
+        if options.get("accelerate"):
+            steps.append(Step(where, embedding_store.KeyModelIdentity, {"import_from": import_from}))
+        return steps, where.rsplit("/", 1)[0]
 
     def _protocol(self, tree: Tree) -> str | None:
         for path in sorted(tree.root.glob("samm/*/samm_lib/protocol.py")):
@@ -703,6 +721,7 @@ class SammAdapter(Adapter):
 
     def steps(self, tree: Tree, layout: Layout, entries: Sequence[Entry], options: dict) -> list[Step]:
         accelerated = [self._accelerated(tree, layout)[0]] if options.get("accelerate") else []
+        accelerated += self._stored(tree, layout, options)[0] if options.get("lazy_embeddings") else []
         if layout.name == "samm-server":
             registry, protocol = layout.files
             return [Step(registry, AddModelDefinitions, {"entries": entries}), Step(protocol, AddProtocolIds, {"entries": entries}), *accelerated]
@@ -721,11 +740,14 @@ class SammAdapter(Adapter):
                 Step(SERVER_UTIL, SetDefaultModel, {"name": default.name}),
                 Step(SERVER_MAIN, SetStartupCheckpoint, {"filename": default.filename}),
             ]
-        # last: the exact-name loader added above builds a model too, and is accelerated with the rest
+        # last: the exact-name loader added above builds a model too, and is accelerated (and hashed) with the rest
         return steps + accelerated
 
     def added_files(self, tree: Tree, layout: Layout, options: dict) -> dict[str, bytes]:
-        return accelerate.module_file(self._accelerated(tree, layout)[1]) if options.get("accelerate") else {}
+        added = accelerate.module_file(self._accelerated(tree, layout)[1]) if options.get("accelerate") else {}
+        if options.get("lazy_embeddings"):
+            added.update(embedding_store.module_file(self._stored(tree, layout, options)[1]))
+        return added
 
     def default_entry(self) -> Entry:
         return Entry(DEFAULT_NAME, "vit_b", MEDICOSAM_FILENAME, default=True)
@@ -759,10 +781,11 @@ class SammAdapter(Adapter):
         return tree.root / WORKSPACE / entry.filename
 
     def features(self, tree: Tree, layout: Layout, options: dict) -> list[str]:
+        optional = accelerate.features(options) + embedding_store.features(options)
         if layout.name == "samm-server":
-            return accelerate.features(options)
+            return optional
         legacy = ["cpu fallback"] + ([] if options.get("keep_default") else ["MedicoSAM is the default model"])
-        return legacy + accelerate.features(options)
+        return legacy + optional
 
 
 def _definition_ids(node: cst.BaseExpression) -> list[str]:
