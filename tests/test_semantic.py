@@ -38,6 +38,31 @@ def test_head_output_shape_and_class_order():
     assert class_map(labels, [0, 3, 6, 7]).tolist() == [[0, 2, 1], [3, 2, 0]]  # table order; 9 is not a class
 
 
+def test_lora_and_full_tasks_validate_on_stored_embeddings():
+    """lora/full training samples hold encoder inputs, validation samples stored embeddings (as
+    semantic_run builds them): a step runs the encoder, validation must not."""
+    from medico_adapters.training.semantic import SemanticTask, normalised_pixels
+
+    class Sam(torch.nn.Module):  # a stand-in encoder with SAM's 1 x 256 x 64 x 64 output
+        def __init__(self):
+            super().__init__()
+            self.image_encoder = torch.nn.Conv2d(3, 256, 16, stride=16)
+
+    torch.manual_seed(0)
+    sam, head = Sam(), SemanticHead(classes=2, dims=2, width=16)
+    labels = np.zeros(SHAPE[1:], dtype=np.int64)
+    labels[10:30, 12:40] = 6
+    pixels = phantom.make_phantom(SHAPE).volume[0].clip(0, 255).astype(np.uint8)
+    truth, rgb = class_map(labels, [0, 6]), normalised_pixels(pixels)
+    train = [([torch.randn(1, 3, 1024, 1024)], rgb, truth, (1024, 1024))]
+    val = [(torch.randn(1, 256, 64, 64), rgb, truth, (1024, 1024))]
+    task = SemanticTask(head, [(0, "background"), (6, "liver")], train, val, batch=1, encoder=sam,
+                        extra_params=list(sam.parameters()))
+    task.step(np.random.default_rng(0), 0)
+    assert sam.image_encoder.weight.grad is not None  # the step ran the encoder
+    assert task.validate() is not None  # and validation read the stored embeddings as they are
+
+
 def test_model_file_round_trip_with_its_class_table(tmp_path, vit_b_state):
     torch.manual_seed(1)
     head = SemanticHead(classes=3, dims=3, context=1, width=32)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medico_adapters.errors import CheckpointError, MedicoError
+from medico_adapters.errors import CheckpointError
 
 __all__ = ["KIND", "SemanticHead", "SemanticModel", "SemanticTask", "load_model", "per_class_dice"]
 
@@ -180,9 +180,12 @@ def per_class_dice(intersections: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 class SemanticTask:
     """One training step on a few slices; validation Dice per class (``loop.py`` drives it).
 
-    ``samples[i]`` is (embedding stack S x 256 x 64 x 64 -- or, for lora/full, the encoder inputs --,
-    normalised pixels 1 x 3 x H x W, class-index map H x W, input size); ``encoder`` is None for
-    cached embeddings, else the SAM model whose encoder runs each step.
+    ``samples[i]`` is (embedding stack S x 256 x 64 x 64 -- or, for lora/full training samples, the
+    list of encoder inputs --, normalised pixels 1 x 3 x H x W, class-index map H x W, input size);
+    ``encoder`` is None for cached embeddings, else the SAM model whose encoder runs on encoder inputs.
+    Validation samples are always stored embeddings: during lora/full training they come from the
+    base encoder (embedding them again at every validation would cost a ViT pass per slice), and
+    the final evaluation re-embeds them with the trained one.
     """
 
     kind = "semantic"
@@ -216,7 +219,7 @@ class SemanticTask:
 
     def _embeddings(self, sample) -> torch.Tensor:
         stack = sample[0]
-        if self.encoder is None:
+        if isinstance(stack, torch.Tensor):  # stored embeddings: every validation sample, and decoder training
             return stack.to(self.device)[None]
         return torch.stack([self.encoder.image_encoder(x.to(self.device))[0] for x in stack])[None]
 
@@ -274,7 +277,3 @@ def build_samples(slices, embeddings: dict, values: Sequence[int], context: int,
             input_size = first[1]
         samples.append((tensor, normalised_pixels(s.pixels), class_map(s.labels, values), tuple(input_size)))
     return samples
-
-
-class SemanticError(MedicoError):
-    """A semantic model cannot segment this input as asked."""

@@ -131,7 +131,6 @@ def train_semantic(run: _Prepared, lazy, store, progress: bool) -> dict:
             merge_lora(sam.image_encoder)
         encoded = _encode_all(sam, _prepare(sam, [_AsSlice(p) for p in val_pixels.values()], device), device, progress)
         val_samples = build_samples(run.val_slices, dict(zip(val_pixels, encoded, strict=True)), values, context)
-        task.encoder = None
     after = task.evaluate(val_samples) if val_samples else None
     predictions = _pictures(task, run.val_slices, val_samples)
 
