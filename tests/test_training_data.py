@@ -140,6 +140,20 @@ def test_slicer_seg_nrrd_cropped_and_named(tmp_path):
     assert np.array_equal(placed, liver == 2)  # back on the image grid, voxel for voxel
 
 
+def test_slicer_seg_nrrd_in_layers_or_unreadable_is_refused_by_name(tmp_path):
+    _save(_case().volume, tmp_path / "images" / "ct.nrrd")
+    path = tmp_path / "labels" / "ct.seg.nrrd"
+    path.parent.mkdir()
+    layers = sitk.GetImageFromArray(np.zeros((*SHAPE, 2), np.uint8), isVector=True)  # overlapping segments
+    sitk.WriteImage(layers, str(path))
+    ds = data.discover(tmp_path)
+    with pytest.raises(DataError, match=re.escape(f"{path}: a segmentation with overlapping segments in several layers")):
+        data.load_slices(ds, ds.cases, slices_per_case=None)
+    path.write_text("not a segmentation")
+    with pytest.raises(DataError, match=re.escape(f"{path}: not a readable segmentation")):
+        data.load_slices(ds, ds.cases, slices_per_case=None)
+
+
 def _pair(tmp_path, image, label, image_spacing=(1, 1, 1), label_spacing=(1, 1, 1)):
     _save(image, tmp_path / "images" / "c.nii.gz", spacing=image_spacing)
     return _save(label, tmp_path / "labels" / "c.nii.gz", spacing=label_spacing)

@@ -83,10 +83,6 @@ class Slice:
     depth: int = 1  # slices in the volume
     neighbours: dict[int, np.ndarray] = field(default_factory=dict, repr=False)  # z -> pixels (3D context)
 
-    @property
-    def key(self) -> str:
-        return f"{self.case}#{self.index}"
-
 
 # -- finding the cases --------------------------------------------------------------------------
 def _stem(path: Path) -> str:
@@ -262,11 +258,13 @@ def _read_label(path: Path) -> tuple[LoadedImage, dict[int, str]]:
     if path.name.lower().endswith(".seg.nrrd"):
         import SimpleITK as sitk
 
+        image = sitk.ImageFileReader()  # the header only: read_image below reads the voxels
+        image.SetFileName(str(path))
         try:
-            image = sitk.ReadImage(str(path))
+            image.ReadImageInformation()
         except RuntimeError as e:
             raise DataError(f"{path}: not a readable segmentation ({str(e).strip().splitlines()[-1][:120]})") from None
-        if image.GetNumberOfComponentsPerPixel() > 1 or image.GetDimension() > 3:
+        if image.GetNumberOfComponents() > 1 or image.GetDimension() > 3:
             raise DataError(f"{path}: a segmentation with overlapping segments in several layers; "
                             "in Slicer, export it as a label map (Segmentations > Export to files, labelmap)")
         keys = set(image.GetMetaDataKeys())
@@ -287,7 +285,8 @@ def _integer_labels(label: LoadedImage) -> np.ndarray:
     if label.rgb:
         raise DataError(f"{label.path}: a colour image, not a label map (one integer label value per pixel)")
     if np.issubdtype(array.dtype, np.floating):
-        bad = array[np.isfinite(array) & (array != np.rint(array))] if np.isfinite(array).all() else array[~np.isfinite(array)]
+        finite = np.isfinite(array)
+        bad = array[array != np.rint(array)] if finite.all() else array[~finite]
         if bad.size:
             raise DataError(f"{label.path}: a label map with non-integer values (e.g. {float(bad.flat[0]):g}); "
                             "label maps hold one integer per object")

@@ -69,8 +69,6 @@ class FinetuneSettings:
     precision: str = "auto"  # training steps: "auto" (bf16 autocast where the hardware has it), "f32", "bf16"
 
     def loop(self, device: str = "cpu") -> LoopSettings:
-        from medico_adapters.training.loop import choose_precision
-
         iterations = self.iterations if self.iterations is not None else (None if self.minutes else DEFAULT_ITERATIONS)
         return LoopSettings(iterations=iterations, lr=self.lr, warmup=self.warmup, seed=self.seed,
                             val_every=self.val_every, checkpoint_minutes=self.checkpoint_minutes,
@@ -169,25 +167,16 @@ def embed_slices(lazy: LazyPredictor, slices, store, *, progress: bool = True, d
     return embed_pixels(lazy, [s.pixels for s in slices], store, progress=progress, desc=desc)
 
 
-@dataclass
-class _Encoded:
-    """An embedding computed by the model being trained (lora/full), for evaluation."""
-
-    features: torch.Tensor
-    input_size: tuple[int, int]
-    original_size: tuple[int, int]
-
-
-def _prepare(sam, slices, device):
-    """Resized, normalised, padded encoder inputs (lora/full train the encoder on them)."""
+def _prepare(sam, pixels, device):
+    """Resized, normalised, padded encoder inputs of slices' ``pixels`` (lora/full train the encoder on them)."""
     from segment_anything.utils.transforms import ResizeLongestSide
 
     from medico_adapters.predictor import as_rgb
 
     transform = ResizeLongestSide(sam.image_encoder.img_size)
     prepared = []
-    for s in slices:
-        rgb = as_rgb(s.pixels)
+    for image in pixels:
+        rgb = as_rgb(image)
         resized = transform.apply_image(rgb)
         tensor = torch.as_tensor(resized).permute(2, 0, 1).contiguous()[None].float()
         prepared.append((sam.preprocess(tensor.to(device)).cpu(), tuple(resized.shape[:2]), tuple(rgb.shape[:2])))
@@ -195,13 +184,15 @@ def _prepare(sam, slices, device):
 
 
 @torch.no_grad()
-def _encode_all(sam, prepared, device, progress: bool) -> list[_Encoded]:
+def _encode_all(sam, prepared, device, progress: bool) -> list:
+    """``Embedding``s by the model being trained (lora/full), for evaluation."""
     from tqdm import tqdm
 
     from medico_adapters.accel import medico_sam_accel as accel
+    from medico_adapters.predictor import Embedding
 
     accel.bind_sdpa_attention(sam.image_encoder)
-    return [_Encoded(sam.image_encoder(image.to(device)).float(), input_size, original)
+    return [Embedding(sam.image_encoder(image.to(device)).float(), original, input_size)
             for image, input_size, original in tqdm(prepared, desc="embedding (trained encoder)", unit="slice",
                                                    disable=not progress, leave=False)]
 
@@ -367,7 +358,7 @@ def _train_interactive(run: _Prepared, lazy: LazyPredictor, store, progress: boo
     val_emb, val_embed_stats = embed_slices(lazy, run.val_slices, store, progress=progress, desc="embedding (validation)")
     encoder_backend = lazy.describe()
     sam = _build_sam(run.ckpt).to(device)
-    features = train_emb if settings.mode == "decoder" else _prepare(sam, run.train_slices, device)
+    features = train_emb if settings.mode == "decoder" else _prepare(sam, [s.pixels for s in run.train_slices], device)
 
     # the base model on the validation cases (kept in the work folder: resuming does not redo it)
     paths.work.mkdir(parents=True, exist_ok=True)
@@ -401,7 +392,7 @@ def _train_interactive(run: _Prepared, lazy: LazyPredictor, store, progress: boo
         from medico_adapters.training.lora import merge_lora
 
         merge_lora(sam.image_encoder)
-    eval_features = val_emb if settings.mode == "decoder" else _encode_all(sam, _prepare(sam, run.val_slices, device), device, progress)
+    eval_features = val_emb if settings.mode == "decoder" else _encode_all(sam, _prepare(sam, [s.pixels for s in run.val_slices], device), device, progress)
     after = evaluate(sam, val_targets, eval_features, keep_masks=REPORT_MASKS) if before is not None else None
 
     from medico_adapters.training import report as report_mod

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from medico_adapters.predictor import _upscale
 from medico_adapters.training import prompts
 from medico_adapters.training.data import Slice
 
@@ -81,7 +82,7 @@ def decode(sam, features: torch.Tensor, input_size, original_size, points=None, 
     """Mask logits at the slice's size (B x M x H x W), IoU predictions (B x M), low-res logits.
 
     ``points`` B x N x 2 and ``boxes`` B x 4 in slice pixels (x, y); ``mask_input`` B x 1 x 256 x 256.
-    ``exact``: upscale as the tools do (``upscale``); else in one step (``upscale_once``, training).
+    ``exact``: upscale as the tools do (the predictor's ``_upscale``); else in one step (``upscale_once``, training).
     """
     device = features.device
     pts = boxes_t = None
@@ -99,7 +100,7 @@ def decode(sam, features: torch.Tensor, input_size, original_size, points=None, 
         )
     else:
         low_res, iou = train_decoder(sam.mask_decoder, features, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask)
-    resize = upscale if exact else upscale_once
+    resize = _upscale if exact else upscale_once
     return resize(sam, low_res, input_size, original_size), iou, low_res
 
 
@@ -141,14 +142,6 @@ def upscale_once(sam, low_res: torch.Tensor, input_size, original_size) -> torch
     scale = low_res.shape[-1] / sam.image_encoder.img_size
     h, w = (max(1, round(s * scale)) for s in input_size)
     return F.interpolate(low_res[..., :h, :w], tuple(original_size), mode="bilinear", align_corners=False)
-
-
-def upscale(sam, low_res: torch.Tensor, input_size, original_size) -> torch.Tensor:
-    """``Sam.postprocess_masks``: to the padded input, cropped, to the slice's size (as the tools do)."""
-    size = sam.image_encoder.img_size
-    masks = F.interpolate(low_res, (size, size), mode="bilinear", align_corners=False)
-    masks = masks[..., : input_size[0], : input_size[1]]
-    return F.interpolate(masks, tuple(original_size), mode="bilinear", align_corners=False)
 
 
 # -- the loss ---------------------------------------------------------------------------------------
@@ -198,7 +191,7 @@ class InteractiveTask:
     def __init__(self, sam, mode: str, train: list[list[Target]], slices: Sequence[Slice], features,
                  val: list[list[Target]] | None = None, val_features=None, *, objects_per_step: int = 2,
                  rounds: int = 2, mask_prob: float = 0.5, lora_rank: int = 4, device: str = "cpu") -> None:
-        from medico_adapters.training.lora import add_lora, lora_parameters
+        from medico_adapters.training.lora import encoder_trainables
 
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: use one of {', '.join(MODES)}")
@@ -208,20 +201,11 @@ class InteractiveTask:
         self.train = [t for t in train if t]
         self.val, self.val_features = val or [], val_features
         self.objects_per_step, self.rounds, self.mask_prob = objects_per_step, rounds, mask_prob
-        for p in sam.parameters():
-            p.requires_grad_(mode == "full")
-        if mode == "lora":
-            add_lora(sam.image_encoder, lora_rank)
-            sam.to(self.device)
+        encoder = encoder_trainables(sam, mode, lora_rank, self.device)
         decoder = [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]
         for p in decoder:
             p.requires_grad_(True)
-        if mode == "lora":
-            self.params = [*lora_parameters(sam.image_encoder), *decoder]
-        elif mode == "full":
-            self.params = list(sam.parameters())
-        else:
-            self.params = decoder
+        self.params = [*encoder, *decoder]  # full: sam.parameters()' own order, so saved optimiser states resume
         if not self.train:
             raise ValueError("no training slice holds an object")
 

@@ -150,7 +150,6 @@ def run_loop(
     state: dict | None = None,
     deadline: float | None = None,
     progress: bool = True,
-    on_checkpoint: Callable[[int], object] | None = None,
     on_first_step: Callable[[float, int | None], object] | None = None,
 ) -> LoopResult:
     """Train ``task`` until ``settings.iterations`` or ``deadline``; resume from ``state`` if given.
@@ -182,8 +181,6 @@ def run_loop(
             "model": task.trainable_state(), "optimizer": optimiser.state_dict(),
             "rng": {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}, "history": history,
         })
-        if on_checkpoint is not None:
-            on_checkpoint(step)
 
     started = time.monotonic()
     last_save = started

@@ -99,3 +99,16 @@ def merge_lora(encoder: nn.Module) -> int:
                 setattr(attn, name, layer.merged())
                 count += 1
     return count
+
+
+def encoder_trainables(sam: nn.Module, mode: str, rank: int, device) -> list[nn.Parameter]:
+    """Freeze all of ``sam`` but what ``mode`` trains in its image encoder, and return that:
+    ``lora`` adds adapters (rank ``rank``) and returns theirs, ``full`` the whole encoder's,
+    ``decoder`` none."""
+    for p in sam.parameters():
+        p.requires_grad_(mode == "full")
+    if mode == "lora":
+        add_lora(sam.image_encoder, rank)
+        sam.to(device)
+        return lora_parameters(sam.image_encoder)
+    return list(sam.image_encoder.parameters()) if mode == "full" else []

@@ -95,7 +95,7 @@ def train_semantic(run: _Prepared, lazy, store, progress: bool) -> dict:
     else:
         train_stats, train_by_key = _NO_EMBEDDING, {}
         sam = _build_sam(run.ckpt).to(device)
-        prepared = _prepare(sam, [_AsSlice(p) for p in train_pixels.values()], device)
+        prepared = _prepare(sam, list(train_pixels.values()), device)
         encoder_inputs = dict(zip(train_pixels, prepared, strict=True))
     val_emb, val_stats = embed_pixels(lazy, list(val_pixels.values()), store, progress=progress, desc="embedding (validation)")
     val_by_key = dict(zip(val_pixels, val_emb, strict=True))
@@ -105,16 +105,9 @@ def train_semantic(run: _Prepared, lazy, store, progress: bool) -> dict:
     head = SemanticHead(len(classes), settings.dims, context, settings.width)
     extra = []
     if settings.mode != "decoder":
-        from medico_adapters.training.lora import add_lora, lora_parameters
+        from medico_adapters.training.lora import encoder_trainables
 
-        for p in sam.parameters():
-            p.requires_grad_(settings.mode == "full")
-        if settings.mode == "lora":
-            add_lora(sam.image_encoder, settings.lora_rank)
-            sam.to(device)
-            extra = lora_parameters(sam.image_encoder)
-        else:
-            extra = list(sam.image_encoder.parameters())
+        extra = encoder_trainables(sam, settings.mode, settings.lora_rank, device)
     train_samples = build_samples(run.train_slices, train_by_key, values, context, encoder_inputs)
     val_samples = build_samples(run.val_slices, val_by_key, values, context)
     task = SemanticTask(head, classes, train_samples, val_samples, batch=settings.batch, device=device,
@@ -129,14 +122,14 @@ def train_semantic(run: _Prepared, lazy, store, progress: bool) -> dict:
             from medico_adapters.training.lora import merge_lora
 
             merge_lora(sam.image_encoder)
-        encoded = _encode_all(sam, _prepare(sam, [_AsSlice(p) for p in val_pixels.values()], device), device, progress)
+        encoded = _encode_all(sam, _prepare(sam, list(val_pixels.values()), device), device, progress)
         val_samples = build_samples(run.val_slices, dict(zip(val_pixels, encoded, strict=True)), values, context)
     after = task.evaluate(val_samples) if val_samples else None
     predictions = _pictures(task, run.val_slices, val_samples)
 
     sam_state = run.ckpt.state_dict if sam is None else {k: v.detach().cpu() for k, v in sam.state_dict().items()}
     record = _record(run, result, "semantic", encoder_backend, train_stats, val_stats)
-    record["classes"] = [[v, n] for v, n in classes]
+    record["classes"] = table
     record["dims"] = settings.dims
     record["window"] = list(window) if isinstance(window, tuple) else window
     record["evaluation"] = {"before": None, "after": after}
@@ -145,13 +138,6 @@ def train_semantic(run: _Prepared, lazy, store, progress: bool) -> dict:
                                    "validation": after, "base_weights": run.base["weights"]})
     written = report_mod.write_semantic(run.paths, record, model.state(), run.val_slices, predictions)
     return _summary(run, record, written)
-
-
-class _AsSlice:
-    """``_prepare`` takes slices; neighbours are bare pixels."""
-
-    def __init__(self, pixels: np.ndarray) -> None:
-        self.pixels = pixels
 
 
 @torch.no_grad()
