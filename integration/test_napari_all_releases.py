@@ -21,9 +21,8 @@ from packaging.version import Version
 from medico_adapters import patching
 from medico_adapters.adapters import lazy_embeddings
 from medico_adapters.adapters.napari_sam import ADAPTER
-from medico_adapters.engine import STATE_DIR
 from medico_adapters.patchgen import releases
-from tests.helpers import snapshot
+from tests.helpers import outside_state, snapshot
 
 SELECTED = SpecifierSet(os.environ.get("MEDICO_NAPARI_SAM_RELEASES", ""))
 #: the releases the kit ships a plain diff for (patches/): every one of them in range must be tested.
@@ -43,10 +42,6 @@ def wheels(tmp_path_factory):
     return {v: next((folder / v).glob("*.whl")) for v in versions}
 
 
-def _outside_state(root: Path) -> dict[str, bytes]:
-    return {k: v for k, v in snapshot(root).items() if not k.startswith(STATE_DIR)}
-
-
 def _packages(root: Path) -> list[str]:
     return [p.name for p in root.iterdir() if (p / "_widget.py").is_file()]
 
@@ -62,7 +57,7 @@ def test_every_release(wheels, tmp_path, checkpoints):
         assert result.changed, version
         assert patching.patch(ADAPTER, root).changed == [], version
         assert patching.status(ADAPTER, root)["patched"], version
-        plain = _outside_state(root)
+        plain = outside_state(root)
 
         lazy = patching.patch(ADAPTER, root, options={"lazy_embeddings": True})
         assert {f"{p}/_widget.py" for p in _packages(root)} <= set(lazy.changed), version
@@ -73,7 +68,7 @@ def test_every_release(wheels, tmp_path, checkpoints):
         assert feature in features, (version, features)
         lazies[feature].append(version)
         patching.patch(ADAPTER, root, options={"lazy_embeddings": False})
-        assert _outside_state(root) == plain, version
+        assert outside_state(root) == plain, version
         patching.unpatch(ADAPTER, root)
         assert snapshot(root) == before, version
         layouts.setdefault(result.layout, []).append(version)

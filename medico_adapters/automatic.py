@@ -22,7 +22,7 @@ import torch
 
 from medico_adapters import fsio
 from medico_adapters.errors import ImageError
-from medico_adapters.io import normalise, read_image, write_mask
+from medico_adapters.io import _MASK_SUFFIXES, normalise, read_image, write_mask
 
 __all__ = ["class_table_path", "header_fields", "segment_labels"]
 
@@ -34,7 +34,7 @@ COLOURS = [(0.902, 0.098, 0.294), (0.235, 0.706, 0.294), (1.0, 0.882, 0.098), (0
 
 def class_table_path(out: Path) -> Path:
     name = out.name
-    for suffix in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png", ".tif", ".tiff"):
+    for suffix in (".seg.nrrd", *_MASK_SUFFIXES):  # the label-map formats write_mask takes, Slicer's first
         if name.lower().endswith(suffix):
             return out.with_name(name[: -len(suffix)] + ".json")
     return out.with_suffix(".json")

@@ -445,10 +445,10 @@ def cmd_finetune(args) -> int:
         lines.append(f"  validation Dice per class: {per}")
     lines += [f"  {Path(f).name}" for f in report["files"][1:]]
     if args.patch:
-        patch_args = argparse.Namespace(
-            tool=args.patch, path=args.path, python=None, checkpoint=report["output"], name=args.name, dry_run=False,
-            diff=False, json=False, trust_checkpoint=False, keep_default=False, model_dir=None, napari_compat=None,
-            accelerate=None, lazy_embeddings=None,
+        # the patch command's own parser: its defaults, whatever options it grows
+        patch_args = build_parser().parse_args(
+            ["patch", args.patch, "--checkpoint", str(report["output"]), "--name", args.name,
+             *(["--path", str(args.path)] if args.path else [])]
         )
         if args.json:
             import contextlib

@@ -14,6 +14,7 @@ from pathlib import Path
 import libcst as cst
 
 from medico_adapters.adapters.base import run_codemod
+from medico_adapters.engine import STATE_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -43,6 +44,11 @@ def snapshot(root: Path) -> dict[str, bytes]:
         elif p.is_dir() and not any(p.iterdir()):
             shot[str(p.relative_to(root)) + "/"] = b""
     return shot
+
+
+def outside_state(root: Path) -> dict[str, bytes]:
+    """``snapshot`` without the kit's own state folder: the tool's files as a user sees them."""
+    return {k: v for k, v in snapshot(root).items() if not k.startswith(STATE_DIR)}
 
 
 def transformed(transform, before: str, **kwargs) -> str:

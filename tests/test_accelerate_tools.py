@@ -27,6 +27,7 @@ from helpers import (
     copy_fixture,
     import_fresh,
     kit_cli,
+    outside_state,
     slicer_stand_ins,
     snapshot,
     transformed,
@@ -224,10 +225,6 @@ def _folders(root: Path) -> set[str]:
             if p.is_dir() and "__pycache__" not in p.parts and STATE_DIR not in p.relative_to(root).parts}
 
 
-def _outside_state(root: Path) -> dict[str, bytes]:
-    return {k: v for k, v in snapshot(root).items() if not k.startswith(STATE_DIR)}
-
-
 @pytest.mark.parametrize("layout", sorted(CASES))
 def test_placed_listed_and_removed_byte_for_byte(layout, tmp_path, checkpoints):
     case = CASES[layout]
@@ -264,7 +261,7 @@ def test_turning_it_off_leaves_the_plain_patch(layout, tmp_path, checkpoints):
     lazy = [f"{folder}/{name}.py" for name in (lazy_embeddings.MODULE, lazy_embeddings.STORE_MODULE)] \
         if isinstance(case.adapter, napari_sam.NapariSamAdapter) else []
     assert sorted(result.changed) == sorted([case.module, case.code, *lazy])
-    assert _outside_state(root) == _outside_state(plain) and _folders(root) == _folders(plain)
+    assert outside_state(root) == outside_state(plain) and _folders(root) == _folders(plain)
     report = status(case.adapter, root)
     assert report["patched"] and accelerate.FEATURE not in report["features"] and case.module not in report["files"]
     manifest = json.loads((root / STATE_DIR / "manifest.json").read_text("utf-8"))

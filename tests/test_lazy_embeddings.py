@@ -30,6 +30,7 @@ from helpers import (
     copy_fixture,
     import_fresh,
     kit_cli,
+    outside_state,
     snapshot,
     tiny_sam,
     transformed,
@@ -40,7 +41,6 @@ from medico_adapters.adapters import lazy_embeddings, napari_sam, napari_segment
 from medico_adapters.adapters.lazy_embeddings import LazySliceLoop
 from medico_adapters.embeddings import lazy
 from medico_adapters.embeddings.store import EmbeddingStore, model_identity
-from medico_adapters.engine import STATE_DIR
 from medico_adapters.patching import patch, status, unpatch
 
 IMPORT = {"import_from": "._medico_lazy_embeddings"}
@@ -226,12 +226,8 @@ def test_no_lazy_embeddings_leaves_the_rest_of_the_patch(layout, tmp_path, check
     assert (root / case.package / PLACED[0]).is_file()
     result = patch(case.adapter, root, options={"lazy_embeddings": False})
     assert sorted(result.changed) == sorted([f"{case.package}/_widget.py", *(f"{case.package}/{n}" for n in PLACED)])
-    assert _outside_state(root) == _outside_state(fast)
+    assert outside_state(root) == outside_state(fast)
     assert case.feature not in status(case.adapter, root)["features"]
-
-
-def _outside_state(root: Path) -> dict[str, bytes]:
-    return {k: v for k, v in snapshot(root).items() if not k.startswith(STATE_DIR)}
 
 
 # --- the fixture tools' own code, patched, on a small volume ----------------------------------

@@ -31,11 +31,12 @@ import libcst as cst
 import libcst.matchers as m
 from libcst.codemod import SkipFile, VisitorBasedCodemodCommand
 
+from medico_adapters.adapters import embedding_store
 from medico_adapters.adapters.base import first_string, string_literal
 
 #: the names the placed modules are imported by inside a tool.
 MODULE = "_medico_lazy_embeddings"
-STORE_MODULE = "_medico_embedding_store"
+STORE_MODULE = embedding_store.MODULE
 #: what ``status`` lists while the option is on.
 FEATURE = "lazy embeddings (each slice embedded when a prompt first needs it, the rest in the background; the embedding store)"
 STORE_FEATURE = "stored embeddings (an image embedded before comes from the embedding store)"
@@ -48,8 +49,8 @@ _LEAVES_FUNCTION = m.Return() | m.Yield() | m.Break() | m.Continue() | m.Await()
 
 def sources() -> dict[str, bytes]:
     """The placed modules' bytes, exactly as the kit ships them (name -> bytes)."""
-    package = resources.files("medico_adapters.embeddings")
-    return {MODULE: package.joinpath("lazy.py").read_bytes(), STORE_MODULE: package.joinpath("store.py").read_bytes()}
+    lazy = resources.files("medico_adapters.embeddings").joinpath("lazy.py").read_bytes()
+    return {MODULE: lazy, STORE_MODULE: embedding_store.source()}
 
 
 def module_files(folder: str) -> dict[str, bytes]:
