@@ -38,6 +38,18 @@ def test_head_output_shape_and_class_order():
     assert class_map(labels, [0, 3, 6, 7]).tolist() == [[0, 2, 1], [3, 2, 0]]  # table order; 9 is not a class
 
 
+@pytest.mark.parametrize("window", ["soft_tissue", (400.0, 40.0), "percentile", "microsam", None])
+def test_the_model_keeps_the_normalisation_its_slices_had(window):
+    """What a model stores as its window is what segment --model normalises with: the same record."""
+    from medico_adapters.io import normalise
+    from medico_adapters.training.semantic_run import json_key
+
+    volume = phantom.make_phantom(SHAPE).volume
+    array = volume.clip(0, 255).astype(np.uint8) if window is None else volume
+    _, record = normalise(array, window)
+    assert json_key(record) == window
+
+
 def test_lora_and_full_tasks_validate_on_stored_embeddings():
     """lora/full training samples hold encoder inputs, validation samples stored embeddings (as
     semantic_run builds them): a step runs the encoder, validation must not."""

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from medico_adapters.errors import MedicoError
+from medico_adapters.io import MICROSAM
 from medico_adapters.training.finetune import (
     _NO_EMBEDDING,
     WRITE_SECONDS,
@@ -55,9 +56,10 @@ def window_of(run: _Prepared):
 
 
 def json_key(norm: dict):
+    """``io.normalise``'s record of a slice's normalisation, as the ``window`` it takes (None: uint8 kept)."""
     if norm.get("method") == "window":
         return norm["name"] if norm.get("name") != "custom" else (norm["width"], norm["level"])
-    return "percentile" if norm.get("method") == "percentile" else None
+    return norm["method"] if norm.get("method") in ("percentile", MICROSAM) else None
 
 
 def _unique_slices(slices) -> dict[tuple[str, int], np.ndarray]:
